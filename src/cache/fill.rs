@@ -1,0 +1,430 @@
+//! One download per digest, shared by every client that asks while it runs.
+//!
+//! A fill is its own task: it GETs the object upstream (following redirects), hashes it and
+//! writes it to a temp file while announcing progress on a `watch` channel. Every client —
+//! the one that started it and those that joined — reads the temp file up to the announced
+//! length, so each starts receiving bytes at once and memory stays flat. The last byte is held
+//! back until the digest has been verified: a fill that fails (upstream error, truncation,
+//! digest mismatch) aborts every reader's response, so no client ever receives a complete body
+//! with wrong bytes, and nothing is cached.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{header, HeaderMap, Method, StatusCode, Uri};
+use http_body_util::BodyExt;
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+
+use crate::body::{Body, BoxError};
+use crate::cache::index::{now_secs, Entry, Kind};
+use crate::cache::Cache;
+use crate::config::MAX_MANIFEST_BYTES;
+use crate::route::Digest;
+
+/// Bytes gathered from upstream before one write+hash step (off the runtime threads).
+pub const WRITE_BATCH_BYTES: usize = 1024 * 1024;
+/// Largest read a client stream does at once, from a cached file or a fill in progress.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// What the fill task needs to know.
+pub struct FillRequest {
+    pub digest: Digest,
+    pub kind: Kind,
+    pub registry: String,
+    pub repo: String,
+    pub uri: Uri,
+    /// Headers sent upstream (the starting client's `Accept`, `Authorization`, `User-Agent`).
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug, Clone)]
+pub enum FillState {
+    /// Waiting for upstream's response head.
+    Pending,
+    /// Bytes `0..written` are in the temp file.
+    Streaming {
+        len: Option<u64>,
+        media_type: String,
+        written: u64,
+    },
+    /// Verified and committed under `blobs/`.
+    Done { size: u64, media_type: String },
+    /// Upstream refused (status and headers to pass on) or the download went wrong.
+    Failed {
+        upstream: Option<(StatusCode, HeaderMap)>,
+        reason: String,
+    },
+}
+
+/// An in-flight download, as seen by its readers.
+pub struct Fill {
+    pub digest: Digest,
+    tmp: PathBuf,
+    done_path: PathBuf,
+    state: watch::Receiver<FillState>,
+}
+
+/// The fill task's end of the progress channel.
+pub(crate) struct Progress {
+    tx: watch::Sender<FillState>,
+}
+
+impl Fill {
+    pub(crate) fn new(digest: Digest, tmp: PathBuf, done_path: PathBuf) -> (Arc<Fill>, Progress) {
+        let (tx, rx) = watch::channel(FillState::Pending);
+        (
+            Arc::new(Fill {
+                digest,
+                tmp,
+                done_path,
+                state: rx,
+            }),
+            Progress { tx },
+        )
+    }
+
+    /// Waits for the response head (or the failure).
+    pub async fn head(&self) -> FillState {
+        let mut rx = self.state.clone();
+        let state = rx.wait_for(|s| !matches!(s, FillState::Pending)).await;
+        match state {
+            Ok(s) => s.clone(),
+            Err(_) => FillState::Failed {
+                upstream: None,
+                reason: "download task ended".into(),
+            },
+        }
+    }
+
+    /// The body of bytes `start..end` of the object, streamed as the download progresses.
+    pub fn reader(self: &Arc<Self>, start: u64, end: u64) -> Body {
+        let reader = Reader {
+            fill: Some(self.clone()),
+            rx: Some(self.state.clone()),
+            file: None,
+            path: self.tmp.clone(),
+            pos: start,
+            end,
+        };
+        reader.into_body()
+    }
+}
+
+/// Streams `start..end` of a committed file (a cache hit).
+pub fn file_body(file: tokio::fs::File, start: u64, end: u64) -> Body {
+    Reader {
+        fill: None,
+        rx: None,
+        file: Some(file),
+        path: PathBuf::new(),
+        pos: start,
+        end,
+    }
+    .into_body()
+}
+
+struct Reader {
+    fill: Option<Arc<Fill>>,
+    rx: Option<watch::Receiver<FillState>>,
+    file: Option<tokio::fs::File>,
+    path: PathBuf,
+    pos: u64,
+    end: u64,
+}
+
+impl Reader {
+    fn into_body(self) -> Body {
+        let stream = futures_util::stream::try_unfold(self, |mut r| async move {
+            match r.next_chunk().await? {
+                Some(chunk) => Ok(Some((http_body::Frame::data(chunk), r))),
+                None => Ok(None),
+            }
+        });
+        http_body_util::StreamBody::new(stream).boxed_unsync()
+    }
+
+    /// How far readers may go now; `None` once the fill failed.
+    async fn readable_until(&mut self) -> Result<u64, BoxError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(self.end);
+        };
+        loop {
+            let limit = match &*rx.borrow_and_update() {
+                FillState::Pending => 0,
+                // Hold back the last byte until the digest is verified.
+                FillState::Streaming { written, .. } => written.saturating_sub(1),
+                FillState::Done { size, .. } => *size,
+                FillState::Failed { reason, .. } => {
+                    return Err(format!("upstream download failed: {reason}").into())
+                }
+            };
+            if limit > self.pos {
+                return Ok(limit.min(self.end));
+            }
+            if rx.changed().await.is_err() {
+                return Err("download task ended unexpectedly".into());
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<&mut tokio::fs::File, BoxError> {
+        if self.file.is_none() {
+            let file = match tokio::fs::File::open(&self.path).await {
+                Ok(f) => f,
+                // Renamed into place between our check and the open.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match &self.fill {
+                    Some(fill) => tokio::fs::File::open(&fill.done_path).await?,
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(self.pos)).await?;
+            self.file = Some(file);
+        }
+        self.file.as_mut().ok_or_else(|| "file vanished".into())
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, BoxError> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let limit = self.readable_until().await?;
+        let want = (limit - self.pos).min(READ_CHUNK_BYTES as u64) as usize;
+        let mut buf = BytesMut::zeroed(want);
+        let file = self.open().await?;
+        let mut filled = 0;
+        while filled < want {
+            let n = file.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                return Err("cached file is shorter than its index entry".into());
+            }
+            filled += n;
+        }
+        self.pos += want as u64;
+        Ok(Some(buf.freeze()))
+    }
+}
+
+/// Runs one fill to the end. Never panics; every exit publishes `Done` or `Failed`.
+pub(crate) async fn run(cache: Arc<Cache>, fill: Arc<Fill>, progress: Progress, req: FillRequest) {
+    let result = download(&cache, &fill, &progress, &req).await;
+    let final_state = match result {
+        Ok((size, media_type)) => FillState::Done { size, media_type },
+        Err(failure) => {
+            if let Some(reason) = &failure.log {
+                tracing::warn!(digest = %req.digest, registry = %req.registry, repo = %req.repo,
+                    %reason, "download failed; nothing cached");
+                cache.stats.fill_failed(&req.registry);
+            }
+            let _ = tokio::fs::remove_file(&fill.tmp).await;
+            FillState::Failed {
+                upstream: failure.upstream.map(|b| *b),
+                reason: failure.reason,
+            }
+        }
+    };
+    cache.finish_fill(&fill.digest);
+    let _ = progress.tx.send(final_state);
+}
+
+struct Failure {
+    upstream: Option<Box<(StatusCode, HeaderMap)>>,
+    reason: String,
+    /// Set when the failure deserves a warning (not a plain upstream refusal).
+    log: Option<String>,
+}
+
+impl Failure {
+    fn broken(reason: impl Into<String>) -> Failure {
+        let reason = reason.into();
+        Failure {
+            upstream: None,
+            log: Some(reason.clone()),
+            reason,
+        }
+    }
+}
+
+async fn download(
+    cache: &Arc<Cache>,
+    fill: &Arc<Fill>,
+    progress: &Progress,
+    req: &FillRequest,
+) -> Result<(u64, String), Failure> {
+    let resp = cache
+        .upstream
+        .fetch_following(Method::GET, req.uri.clone(), &req.headers)
+        .await
+        .map_err(|e| Failure {
+            upstream: None,
+            reason: e.to_string(),
+            log: Some(e.to_string()),
+        })?;
+    cache.stats.upstream_response(
+        &req.registry,
+        &req.repo,
+        resp.headers(),
+        req.kind == Kind::Manifest,
+    );
+    if resp.status() != StatusCode::OK {
+        let (parts, _) = resp.into_parts();
+        return Err(Failure {
+            reason: format!("upstream answered {}", parts.status),
+            upstream: Some(Box::new((parts.status, parts.headers))),
+            log: None,
+        });
+    }
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let inline_limit = match req.kind {
+        Kind::Manifest => MAX_MANIFEST_BYTES,
+        Kind::Blob => 0,
+    };
+    if req.kind == Kind::Manifest && len.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+        return Err(Failure::broken(format!(
+            "manifest larger than {MAX_MANIFEST_BYTES} bytes"
+        )));
+    }
+    let tmp = fill.tmp.clone();
+    let file = tokio::task::spawn_blocking(move || std::fs::File::create(tmp))
+        .await
+        .map_err(|e| Failure::broken(e.to_string()))?
+        .map_err(|e| Failure::broken(format!("cannot create temp file: {e}")))?;
+    let _ = progress.tx.send(FillState::Streaming {
+        len,
+        media_type: media_type.clone(),
+        written: 0,
+    });
+
+    let mut sink = Sink {
+        file: Some(file),
+        hasher: sha2::Sha256::new(),
+        inline: Vec::new(),
+        written: 0,
+    };
+    let mut body = resp.into_body();
+    loop {
+        // Gather what is ready now (up to a batch), then write and hash it off the runtime.
+        let mut batch = BytesMut::new();
+        let mut ended = false;
+        match body.frame().await {
+            None => ended = true,
+            Some(frame) => push_frame(&mut batch, frame)?,
+        }
+        while !ended && batch.len() < WRITE_BATCH_BYTES {
+            match body.frame().now_or_never() {
+                Some(None) => ended = true,
+                Some(Some(frame)) => push_frame(&mut batch, frame)?,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            if inline_limit > 0 {
+                if sink.written + batch.len() as u64 > inline_limit {
+                    return Err(Failure::broken("manifest exceeds the size limit"));
+                }
+                sink.inline.extend_from_slice(&batch);
+            }
+            let n = batch.len() as u64;
+            sink = sink.write(batch.freeze()).await?;
+            cache.stats.bytes_from_upstream(&req.registry, &req.repo, n);
+            let _ = progress.tx.send(FillState::Streaming {
+                len,
+                media_type: media_type.clone(),
+                written: sink.written,
+            });
+        }
+        if ended {
+            break;
+        }
+    }
+    if let Some(expected) = len {
+        if sink.written != expected {
+            return Err(Failure::broken(format!(
+                "truncated: got {} of {expected} bytes",
+                sink.written
+            )));
+        }
+    }
+    let actual = format!("sha256:{}", hex::encode(sink.hasher.clone().finalize()));
+    if req.digest.algorithm() != "sha256" || actual != req.digest.as_str() {
+        cache.stats.digest_mismatch(&req.registry);
+        return Err(Failure::broken(format!(
+            "digest mismatch: upstream sent {actual}"
+        )));
+    }
+    let size = sink.written;
+    let now = now_secs();
+    let entry = Entry {
+        kind: req.kind,
+        size,
+        media_type: media_type.clone(),
+        created: now,
+        last_access: now,
+        hits: 0,
+        registries: vec![req.registry.clone()],
+        repos: vec![req.repo.clone()],
+    };
+    let inline = (req.kind == Kind::Manifest).then_some(sink.inline);
+    let file = sink
+        .file
+        .take()
+        .ok_or_else(|| Failure::broken("temp file lost"))?;
+    cache
+        .commit(fill.tmp.clone(), file, req.digest.clone(), entry, inline)
+        .await
+        .map_err(|e| Failure::broken(format!("cannot store the download: {e}")))?;
+    Ok((size, media_type))
+}
+
+fn push_frame(
+    batch: &mut BytesMut,
+    frame: Result<http_body::Frame<Bytes>, hyper::Error>,
+) -> Result<(), Failure> {
+    let frame = frame.map_err(|e| Failure::broken(format!("upstream body: {e}")))?;
+    if let Ok(data) = frame.into_data() {
+        batch.extend_from_slice(&data);
+    }
+    Ok(())
+}
+
+/// The temp file and hash state, moved into a blocking task for each batch.
+struct Sink {
+    file: Option<std::fs::File>,
+    hasher: sha2::Sha256,
+    inline: Vec<u8>,
+    written: u64,
+}
+
+impl Sink {
+    async fn write(mut self, batch: Bytes) -> Result<Sink, Failure> {
+        let written = tokio::task::spawn_blocking(move || {
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| std::io::Error::other("temp file lost"))?;
+            file.write_all(&batch)?;
+            self.hasher.update(&batch);
+            self.written += batch.len() as u64;
+            Ok::<_, std::io::Error>(self)
+        })
+        .await
+        .map_err(|e| Failure::broken(e.to_string()))?;
+        written.map_err(|e| Failure::broken(format!("cannot write the temp file: {e}")))
+    }
+}
