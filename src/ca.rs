@@ -386,63 +386,10 @@ fn io_err(p: &Path, source: std::io::Error) -> CaError {
     }
 }
 
-/// Reads one DER TLV: (tag, contents, rest). Minimal; enough to reach the validity field
-/// (x509-parser is only a dev-dependency here).
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let (len, rest) = rest.split_at(n);
-        (
-            len.iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b)),
-            rest,
-        )
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// Certificate ::= SEQ { tbs SEQ { [0] version?, serial, sigAlg, issuer, validity SEQ {nb, na} .. } .. }
+/// The certificate's notAfter (x509-parser is already compiled in through rcgen).
 fn der_not_after(cert: &[u8]) -> Option<OffsetDateTime> {
-    let (0x30, cert, _) = der_tlv(cert)? else {
-        return None;
-    };
-    let (0x30, mut tbs, _) = der_tlv(cert)? else {
-        return None;
-    };
-    if tbs.first() == Some(&0xa0) {
-        tbs = der_tlv(tbs)?.2;
-    }
-    for _ in 0..3 {
-        tbs = der_tlv(tbs)?.2;
-    }
-    let (0x30, validity, _) = der_tlv(tbs)? else {
-        return None;
-    };
-    let (tag, t, _) = der_tlv(der_tlv(validity)?.2)?;
-    let s = t
-        .strip_suffix(b"Z")
-        .filter(|s| s.iter().all(u8::is_ascii_digit))?;
-    let num = |b: &[u8]| b.iter().fold(0i32, |acc, d| acc * 10 + i32::from(d - b'0'));
-    let (year, rest) = match (tag, s.len()) {
-        (0x17, 12) => (
-            num(&s[..2]) + if num(&s[..2]) >= 50 { 1900 } else { 2000 },
-            &s[2..],
-        ),
-        (0x18, 14) => (num(&s[..4]), &s[4..]),
-        _ => return None,
-    };
-    let f = |i: usize| u8::try_from(num(&rest[i..i + 2])).ok();
-    let date =
-        time::Date::from_calendar_date(year, time::Month::try_from(f(0)?).ok()?, f(2)?).ok()?;
-    let time = time::Time::from_hms(f(4)?, f(6)?, f(8)?).ok()?;
-    Some(time::PrimitiveDateTime::new(date, time).assume_utc())
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.validity().not_after.to_datetime())
 }
 
 #[cfg(test)]
