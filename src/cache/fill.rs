@@ -148,23 +148,22 @@ impl Reader {
         http_body_util::StreamBody::new(stream).boxed_unsync()
     }
 
-    /// How far readers may go now; `None` once the fill failed.
-    async fn readable_until(&mut self) -> Result<u64, BoxError> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Ok(self.end);
-        };
+    /// How far this reader may read now; `None` at the end of the object.
+    async fn readable_until(&mut self) -> Result<Option<u64>, BoxError> {
+        let Some(rx) = self.rx.as_mut() else { return Ok(Some(self.end)) };
         loop {
             let limit = match &*rx.borrow_and_update() {
                 FillState::Pending => 0,
                 // Hold back the last byte until the digest is verified.
                 FillState::Streaming { written, .. } => written.saturating_sub(1),
+                FillState::Done { size, .. } if self.pos >= *size => return Ok(None),
                 FillState::Done { size, .. } => *size,
                 FillState::Failed { reason, .. } => {
                     return Err(format!("upstream download failed: {reason}").into())
                 }
             };
             if limit > self.pos {
-                return Ok(limit.min(self.end));
+                return Ok(Some(limit.min(self.end)));
             }
             if rx.changed().await.is_err() {
                 return Err("download task ended unexpectedly".into());
@@ -194,7 +193,7 @@ impl Reader {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let limit = self.readable_until().await?;
+        let Some(limit) = self.readable_until().await? else { return Ok(None) };
         let want = (limit - self.pos).min(READ_CHUNK_BYTES as u64) as usize;
         let mut buf = BytesMut::zeroed(want);
         let file = self.open().await?;
