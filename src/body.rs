@@ -23,7 +23,7 @@ pub fn incoming(body: hyper::body::Incoming) -> Body {
     body.map_err(BoxError::from).boxed_unsync()
 }
 
-/// Wraps a body so that `done(bytes_sent, complete)` runs exactly once: when the body ends,
+/// Wraps a body so that `done(bytes_sent, ended)` runs exactly once: when the body ends,
 /// fails, or is dropped early (the client went away).
 pub fn metered<F>(inner: Body, done: F) -> Body
 where

@@ -126,12 +126,8 @@ async fn forward_plain(
         .uri()
         .host()
         .ok_or_else(|| ProxyError::BadRequest("no host in request target".into()))?;
-    let target =
-        HostPort::parse(host, req.uri().port_u16().or(Some(80))).map_err(ProxyError::BadRequest)?;
-    let target = HostPort {
-        port: req.uri().port_u16().unwrap_or(80),
-        ..target
-    };
+    let port = req.uri().port_u16().unwrap_or(80);
+    let target = HostPort::parse(host, Some(port)).map_err(ProxyError::BadRequest)?;
     if target.port != 80 && !app.settings.tunnel_ports.contains(&target.port) {
         return Err(ProxyError::Forbidden(format!(
             "port {} is not allowed",

@@ -13,12 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use http::{header, HeaderMap, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::body::{Body, BoxError};
 use crate::cache::index::{now_secs, Entry, Kind};
@@ -26,8 +25,11 @@ use crate::cache::Cache;
 use crate::config::MAX_MANIFEST_BYTES;
 use crate::route::Digest;
 
-/// Bytes gathered from upstream before one write+hash step (off the runtime threads).
+/// Bytes gathered from upstream before they are handed to the writer thread (smaller batches
+/// go at once when the writer is idle).
 pub const WRITE_BATCH_BYTES: usize = 1024 * 1024;
+/// Batches queued for the writer thread before the network read waits (bounds memory).
+pub const WRITE_QUEUE_BATCHES: usize = 4;
 /// Largest read a client stream does at once, from a cached file or a fill in progress.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 
@@ -71,7 +73,7 @@ pub struct Fill {
 
 /// The fill task's end of the progress channel.
 pub(crate) struct Progress {
-    tx: watch::Sender<FillState>,
+    tx: Arc<watch::Sender<FillState>>,
 }
 
 impl Fill {
@@ -84,7 +86,7 @@ impl Fill {
                 done_path,
                 state: rx,
             }),
-            Progress { tx },
+            Progress { tx: Arc::new(tx) },
         )
     }
 
@@ -107,6 +109,7 @@ impl Fill {
             fill: Some(self.clone()),
             rx: Some(self.state.clone()),
             file: None,
+            positioned: false,
             path: self.tmp.clone(),
             pos: start,
             end,
@@ -121,6 +124,7 @@ pub fn file_body(file: tokio::fs::File, start: u64, end: u64) -> Body {
         fill: None,
         rx: None,
         file: Some(file),
+        positioned: false,
         path: PathBuf::new(),
         pos: start,
         end,
@@ -132,6 +136,8 @@ struct Reader {
     fill: Option<Arc<Fill>>,
     rx: Option<watch::Receiver<FillState>>,
     file: Option<tokio::fs::File>,
+    /// Whether `file` has been moved to `pos` yet.
+    positioned: bool,
     path: PathBuf,
     pos: u64,
     end: u64,
@@ -150,7 +156,9 @@ impl Reader {
 
     /// How far this reader may read now; `None` at the end of the object.
     async fn readable_until(&mut self) -> Result<Option<u64>, BoxError> {
-        let Some(rx) = self.rx.as_mut() else { return Ok(Some(self.end)) };
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(Some(self.end));
+        };
         loop {
             let limit = match &*rx.borrow_and_update() {
                 FillState::Pending => 0,
@@ -172,6 +180,10 @@ impl Reader {
     }
 
     async fn open(&mut self) -> Result<&mut tokio::fs::File, BoxError> {
+        if let (Some(file), false) = (self.file.as_mut(), self.positioned) {
+            file.seek(std::io::SeekFrom::Start(self.pos)).await?;
+            self.positioned = true;
+        }
         if self.file.is_none() {
             let file = match tokio::fs::File::open(&self.path).await {
                 Ok(f) => f,
@@ -185,6 +197,7 @@ impl Reader {
             let mut file = file;
             file.seek(std::io::SeekFrom::Start(self.pos)).await?;
             self.file = Some(file);
+            self.positioned = true;
         }
         self.file.as_mut().ok_or_else(|| "file vanished".into())
     }
@@ -193,7 +206,9 @@ impl Reader {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let Some(limit) = self.readable_until().await? else { return Ok(None) };
+        let Some(limit) = self.readable_until().await? else {
+            return Ok(None);
+        };
         let want = (limit - self.pos).min(READ_CHUNK_BYTES as u64) as usize;
         let mut buf = BytesMut::zeroed(want);
         let file = self.open().await?;
@@ -290,10 +305,6 @@ async fn download(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream")
         .to_string();
-    let inline_limit = match req.kind {
-        Kind::Manifest => MAX_MANIFEST_BYTES,
-        Kind::Blob => 0,
-    };
     if req.kind == Kind::Manifest && len.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
         return Err(Failure::broken(format!(
             "manifest larger than {MAX_MANIFEST_BYTES} bytes"
@@ -304,70 +315,85 @@ async fn download(
         .await
         .map_err(|e| Failure::broken(e.to_string()))?
         .map_err(|e| Failure::broken(format!("cannot create temp file: {e}")))?;
-    let _ = progress.tx.send(FillState::Streaming {
+    let announced_type = media_type.clone();
+    let streaming = move |written| FillState::Streaming {
         len,
-        media_type: media_type.clone(),
-        written: 0,
-    });
-
-    let mut sink = Sink {
-        file: Some(file),
-        hasher: sha2::Sha256::new(),
-        inline: Vec::new(),
-        written: 0,
+        media_type: announced_type.clone(),
+        written,
     };
+    let _ = progress.tx.send(streaming(0));
+
+    // A blocking writer thread hashes and writes batches while this task reads the next ones
+    // from the network, so disk and network overlap.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE_BATCHES);
+    let (progress_tx, stats) = (progress.tx.clone(), cache.stats.clone());
+    let (registry, repo) = (req.registry.clone(), req.repo.clone());
+    let writer =
+        tokio::task::spawn_blocking(move || -> Result<(std::fs::File, String, u64), String> {
+            let mut file = file;
+            let mut hasher = sha2::Sha256::new();
+            let mut written = 0u64;
+            while let Some(batch) = rx.blocking_recv() {
+                file.write_all(&batch)
+                    .map_err(|e| format!("cannot write the temp file: {e}"))?;
+                hasher.update(&batch);
+                written += batch.len() as u64;
+                stats.bytes_from_upstream(&registry, &repo, batch.len() as u64);
+                let _ = progress_tx.send(streaming(written));
+            }
+            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+            Ok((file, digest, written))
+        });
+
+    let mut inline = Vec::new();
+    let mut batch = BytesMut::new();
     let mut body = resp.into_body();
-    loop {
-        // Gather what is ready now (up to a batch), then write and hash it off the runtime.
-        let mut batch = BytesMut::new();
-        let mut ended = false;
-        match body.frame().await {
-            None => ended = true,
-            Some(frame) => push_frame(&mut batch, frame)?,
-        }
-        while !ended && batch.len() < WRITE_BATCH_BYTES {
-            match body.frame().now_or_never() {
-                Some(None) => ended = true,
-                Some(Some(frame)) => push_frame(&mut batch, frame)?,
-                None => break,
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::broken(format!("upstream body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        if req.kind == Kind::Manifest {
+            if received > MAX_MANIFEST_BYTES {
+                return Err(Failure::broken("manifest exceeds the size limit"));
             }
+            inline.extend_from_slice(&data);
         }
-        if !batch.is_empty() {
-            if inline_limit > 0 {
-                if sink.written + batch.len() as u64 > inline_limit {
-                    return Err(Failure::broken("manifest exceeds the size limit"));
-                }
-                sink.inline.extend_from_slice(&batch);
-            }
-            let n = batch.len() as u64;
-            sink = sink.write(batch.freeze()).await?;
-            cache.stats.bytes_from_upstream(&req.registry, &req.repo, n);
-            let _ = progress.tx.send(FillState::Streaming {
-                len,
-                media_type: media_type.clone(),
-                written: sink.written,
-            });
-        }
-        if ended {
-            break;
+        batch.extend_from_slice(&data);
+        // Hand over a batch when it is big, or at once when the writer is idle (low latency
+        // for the clients waiting on the first bytes).
+        let hand_over = batch.len() >= WRITE_BATCH_BYTES || tx.capacity() == tx.max_capacity();
+        if hand_over && tx.send(batch.split().freeze()).await.is_err() {
+            break; // the writer failed; its error is reported below
         }
     }
+    if !batch.is_empty() {
+        let _ = tx.send(batch.freeze()).await;
+    }
+    drop(tx);
+    let (file, actual, written) = writer
+        .await
+        .map_err(|e| Failure::broken(e.to_string()))?
+        .map_err(Failure::broken)?;
+    if written != received {
+        return Err(Failure::broken("the writer stopped early"));
+    }
     if let Some(expected) = len {
-        if sink.written != expected {
+        if written != expected {
             return Err(Failure::broken(format!(
-                "truncated: got {} of {expected} bytes",
-                sink.written
+                "truncated: got {written} of {expected} bytes"
             )));
         }
     }
-    let actual = format!("sha256:{}", hex::encode(sink.hasher.clone().finalize()));
     if req.digest.algorithm() != "sha256" || actual != req.digest.as_str() {
         cache.stats.digest_mismatch(&req.registry);
         return Err(Failure::broken(format!(
             "digest mismatch: upstream sent {actual}"
         )));
     }
-    let size = sink.written;
+    let size = written;
     let now = now_secs();
     let entry = Entry {
         kind: req.kind,
@@ -379,51 +405,10 @@ async fn download(
         registries: vec![req.registry.clone()],
         repos: vec![req.repo.clone()],
     };
-    let inline = (req.kind == Kind::Manifest).then_some(sink.inline);
-    let file = sink
-        .file
-        .take()
-        .ok_or_else(|| Failure::broken("temp file lost"))?;
+    let inline = (req.kind == Kind::Manifest).then_some(inline);
     cache
         .commit(fill.tmp.clone(), file, req.digest.clone(), entry, inline)
         .await
         .map_err(|e| Failure::broken(format!("cannot store the download: {e}")))?;
     Ok((size, media_type))
-}
-
-fn push_frame(
-    batch: &mut BytesMut,
-    frame: Result<http_body::Frame<Bytes>, hyper::Error>,
-) -> Result<(), Failure> {
-    let frame = frame.map_err(|e| Failure::broken(format!("upstream body: {e}")))?;
-    if let Ok(data) = frame.into_data() {
-        batch.extend_from_slice(&data);
-    }
-    Ok(())
-}
-
-/// The temp file and hash state, moved into a blocking task for each batch.
-struct Sink {
-    file: Option<std::fs::File>,
-    hasher: sha2::Sha256,
-    inline: Vec<u8>,
-    written: u64,
-}
-
-impl Sink {
-    async fn write(mut self, batch: Bytes) -> Result<Sink, Failure> {
-        let written = tokio::task::spawn_blocking(move || {
-            let file = self
-                .file
-                .as_mut()
-                .ok_or_else(|| std::io::Error::other("temp file lost"))?;
-            file.write_all(&batch)?;
-            self.hasher.update(&batch);
-            self.written += batch.len() as u64;
-            Ok::<_, std::io::Error>(self)
-        })
-        .await
-        .map_err(|e| Failure::broken(e.to_string()))?;
-        written.map_err(|e| Failure::broken(format!("cannot write the temp file: {e}")))
-    }
 }
