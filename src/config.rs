@@ -52,6 +52,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Show what a running pullcache served and saved (asks its admin API).
+    Stats(crate::cli::StatsArgs),
+    /// List what a running pullcache has cached.
+    Entries(crate::cli::EntriesArgs),
+    /// Remove one digest from a running pullcache's cache.
+    Purge(crate::cli::PurgeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +85,10 @@ pub struct ServeArgs {
     /// Address of the admin listener (stats, metrics, CA). Loopback by default.
     #[arg(long, env = "PULLCACHE_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+    /// Require `Authorization: Bearer TOKEN` on the admin listener. Mandatory when
+    /// --admin-listen is not a loopback address.
+    #[arg(long, env = "PULLCACHE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Directory holding the generated CA (ca.crt, ca.key).
     #[arg(long, env = "PULLCACHE_CA_DIR", default_value = DEFAULT_CA_DIR)]
     pub ca_dir: PathBuf,
@@ -219,11 +229,39 @@ pub fn valid_host(host: &str) -> bool {
         })
 }
 
+/// The admin API's bearer token. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Printable ASCII without spaces (what fits a `Bearer` header); empty means "no token".
+    pub fn parse(s: &str) -> Result<Option<AdminToken>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the token must be printable ASCII without spaces".into());
+        }
+        Ok(Some(AdminToken(s.to_string())))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub admin_token: Option<AdminToken>,
     pub ca_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub intercept: Vec<HostPort>,
@@ -301,6 +339,15 @@ impl TryFrom<ServeArgs> for Settings {
         if a.max_connections == 0 {
             return Err(invalid("--max-connections must be at least 1"));
         }
+        let admin_token = AdminToken::parse(a.admin_token.as_deref().unwrap_or(""))
+            .map_err(|e| invalid(format!("--admin-token: {e}")))?;
+        if admin_token.is_none() && !a.admin_listen.ip().is_loopback() {
+            return Err(invalid(format!(
+                "--admin-listen {} is not a loopback address, so the admin API (which can purge \
+                 the cache) needs a token: set --admin-token or PULLCACHE_ADMIN_TOKEN",
+                a.admin_listen
+            )));
+        }
         if a.tunnel_port.contains(&0) {
             return Err(invalid("--tunnel-port 0 is not a port"));
         }
@@ -317,6 +364,7 @@ impl TryFrom<ServeArgs> for Settings {
         Ok(Settings {
             listen: a.listen,
             admin_listen: a.admin_listen,
+            admin_token,
             ca_dir: a.ca_dir,
             cache_dir: a.cache_dir,
             intercept,
@@ -417,6 +465,24 @@ mod tests {
             let err = Settings::from_serve_args(args.clone()).unwrap_err();
             assert!(!err.to_string().is_empty(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_non_loopback_admin_address_needs_a_token() {
+        let err = Settings::from_serve_args(["--admin-listen", "0.0.0.0:3129"]).unwrap_err();
+        assert!(err.to_string().contains("--admin-token"), "{err}");
+        let s = Settings::from_serve_args([
+            "--admin-listen",
+            "0.0.0.0:3129",
+            "--admin-token",
+            "s3cret",
+        ])
+        .unwrap();
+        assert_eq!(s.admin_token.as_ref().map(|t| t.expose()), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let loopback = Settings::from_serve_args(["--admin-listen", "[::1]:0"]).unwrap();
+        assert!(loopback.admin_token.is_none());
+        assert!(Settings::from_serve_args(["--admin-token", "two words"]).is_err());
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //!   [`cache::fill`] (one download per digest, streamed to every waiting client).
 //! - [`upstream`]: dialing (with `--connect-to`), verified TLS, the pooled client, redirects.
 //! - [`stats`]: counters per registry and repository, persisted.
-//! - [`admin`]: the admin port.
+//! - [`admin`]: the admin port — JSON API, Prometheus metrics, the dashboard.
+//! - [`cli`]: the client commands (`stats`, `entries`, `purge`) over the admin API.
 //! - [`body`], [`error`]: the shared body type; errors and whose fault they are.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod body;
 pub mod ca;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod error;

@@ -34,6 +34,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Stats(args) => pullcache::cli::stats(args),
+        Command::Entries(args) => pullcache::cli::entries(args),
+        Command::Purge(args) => pullcache::cli::purge(args),
         Command::Serve(args) => {
             let settings = match Settings::try_from(args) {
                 Ok(s) => s,

@@ -134,7 +134,7 @@ async fn by_digest(ctx: &mut Ctx, repo: &str, digest: &Digest, kind: Kind) -> St
         return Err(refusal);
     }
     if ctx.method == Method::HEAD {
-        return pass_head(ctx).await;
+        return pass_head(ctx, repo, digest).await;
     }
     let uri = upstream_uri(
         &ctx.registry,
@@ -674,9 +674,28 @@ async fn pass(ctx: &mut Ctx, mut req: Request<Body>) -> Step<Answer> {
     Ok(forwarded(resp))
 }
 
-/// A HEAD that missed the cache goes upstream as a HEAD, never as a GET.
-async fn pass_head(ctx: &mut Ctx) -> Step<Answer> {
-    pass_bodyless(ctx).await
+/// A HEAD that missed the cache goes upstream as a HEAD, never as a GET. Redirects (a blob
+/// on a CDN) are followed here, as for GETs, so the client sees the object's own headers.
+async fn pass_head(ctx: &mut Ctx, repo: &str, digest: &Digest) -> Step<Answer> {
+    let uri = upstream_uri(&ctx.registry, &route_path(&ctx.route, repo))?;
+    let headers = forwarded_headers(&ctx.headers);
+    let resp = ctx
+        .app
+        .upstream
+        .fetch_following(Method::HEAD, uri, &headers)
+        .await?;
+    ctx.upstream_status = Some(resp.status().as_u16());
+    ctx.app.stats.upstream_head(&ctx.reg, repo, resp.headers());
+    let mut answer = forwarded(resp);
+    if answer.response.status().is_success() {
+        if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+            answer
+                .response
+                .headers_mut()
+                .insert(DOCKER_CONTENT_DIGEST, v);
+        }
+    }
+    Ok(answer)
 }
 
 /// Forwards this GET/HEAD (no request body) unchanged.
@@ -723,6 +742,16 @@ fn record(ctx: Ctx, answer: Answer) -> Response<Body> {
         .headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     let status = response.status().as_u16();
+    // hyper stops polling a body once Content-Length bytes are out, so "ended" alone
+    // under-reports complete responses.
+    let expected = match ctx.method {
+        Method::HEAD => Some(0),
+        _ => response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+    };
     let (parts, inner) = response.into_parts();
     let recorder = Recorder {
         app: ctx.app,
@@ -739,7 +768,10 @@ fn record(ctx: Ctx, answer: Answer) -> Response<Body> {
     };
     Response::from_parts(
         parts,
-        crate::body::metered(inner, move |bytes, complete| recorder.done(bytes, complete)),
+        crate::body::metered(inner, move |bytes, ended| {
+            let complete = ended || expected == Some(bytes);
+            recorder.done(bytes, complete)
+        }),
     )
 }
 
@@ -759,9 +791,7 @@ struct Recorder {
 
 impl Recorder {
     fn done(self, bytes: u64, complete: bool) {
-        self.app
-            .stats
-            .record(&self.registry, self.repo.as_deref(), self.outcome, bytes);
+        let duration = self.start.elapsed();
         tracing::info!(
             client = %self.client,
             registry = %self.registry,
@@ -773,10 +803,26 @@ impl Recorder {
             cache = self.outcome.as_str(),
             bytes,
             complete,
-            dur_ms = self.start.elapsed().as_millis() as u64,
+            dur_ms = duration.as_millis() as u64,
             upstream_status = self.upstream_status.unwrap_or(0),
             "request"
         );
+        // Counters, duration histogram, per-minute history and the recent-requests ring.
+        self.app.stats.completed(crate::stats::Completed {
+            at: std::time::SystemTime::now(),
+            client: self.client,
+            registry: self.registry,
+            repo: self.repo,
+            kind: self.kind,
+            reference: self.reference,
+            method: self.method.to_string(),
+            status: self.status,
+            outcome: self.outcome,
+            upstream_status: self.upstream_status,
+            bytes,
+            complete,
+            duration,
+        });
     }
 }
 

@@ -1,15 +1,30 @@
 //! Counters per registry and per repository, persisted in the index so they survive restarts,
 //! plus live gauges. The request path only bumps in-memory numbers; [`Stats::persist`] writes
 //! them out periodically and at shutdown.
+//!
+//! For the admin port it also keeps, bounded: the last [`RECENT_REQUESTS`] completed requests,
+//! request-duration histograms by outcome (since start), and outcome counts per minute for the
+//! last [`HISTORY_MINUTES`] minutes (persisted with the counters).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::index::{now_secs, Index, IndexError};
+
+/// Completed requests kept for the admin API (oldest dropped first).
+pub const RECENT_REQUESTS: usize = 1000;
+/// Minutes of per-minute outcome counts kept for the dashboard's chart.
+pub const HISTORY_MINUTES: usize = 60;
+/// Upper bounds, in seconds, of the request-duration histogram buckets (`+Inf` is implied).
+pub const DURATION_BUCKETS_SECS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// The cache outcome of one request, as sent in `X-Cache` and logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +59,125 @@ impl Outcome {
     pub fn from_cache(self) -> bool {
         matches!(self, Outcome::Hit | Outcome::Revalidated | Outcome::Stale)
     }
+
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Coalesced,
+        Outcome::Revalidated,
+        Outcome::Stale,
+        Outcome::Pass,
+    ];
+
+    fn slot(self) -> usize {
+        match self {
+            Outcome::Hit => 0,
+            Outcome::Miss => 1,
+            Outcome::Coalesced => 2,
+            Outcome::Revalidated => 3,
+            Outcome::Stale => 4,
+            Outcome::Pass => 5,
+        }
+    }
+}
+
+/// One completed request, as the admin API shows it (the same fields as its log line).
+#[derive(Debug, Clone)]
+pub struct Completed {
+    /// When the response body ended (or the client went away).
+    pub at: SystemTime,
+    pub client: SocketAddr,
+    pub registry: String,
+    pub repo: Option<String>,
+    pub kind: &'static str,
+    pub reference: Option<String>,
+    pub method: String,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub upstream_status: Option<u16>,
+    pub bytes: u64,
+    /// Did the whole body reach the client?
+    pub complete: bool,
+    pub duration: Duration,
+}
+
+/// Requests completed in one minute, by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Minute {
+    /// Unix seconds at the start of the minute.
+    pub start: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub revalidated: u64,
+    pub stale: u64,
+    pub passes: u64,
+    pub bytes_from_cache: u64,
+    /// Every byte sent to clients, from cache or not.
+    pub bytes_served: u64,
+}
+
+impl Minute {
+    fn count(&mut self, outcome: Outcome, bytes: u64) {
+        match outcome {
+            Outcome::Hit => self.hits += 1,
+            Outcome::Miss => self.misses += 1,
+            Outcome::Coalesced => self.coalesced += 1,
+            Outcome::Revalidated => self.revalidated += 1,
+            Outcome::Stale => self.stale += 1,
+            Outcome::Pass => self.passes += 1,
+        }
+        if outcome.from_cache() {
+            self.bytes_from_cache += bytes;
+        }
+        self.bytes_served += bytes;
+    }
+}
+
+/// A Prometheus-style histogram of request durations.
+#[derive(Default)]
+struct Histogram {
+    /// Non-cumulative: `buckets[i]` counts durations in `(bound[i-1], bound[i]]`; the last
+    /// slot is `+Inf`.
+    buckets: [AtomicU64; DURATION_BUCKETS_SECS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BUCKETS_SECS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS_SECS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> DurationHistogram {
+        let mut cumulative = Vec::with_capacity(self.buckets.len());
+        let mut total = 0;
+        for b in &self.buckets {
+            total += b.load(Ordering::Relaxed);
+            cumulative.push(total);
+        }
+        DurationHistogram {
+            cumulative,
+            count: total,
+            sum_secs: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// A snapshot of one outcome's request durations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurationHistogram {
+    /// Cumulative counts for each bound of [`DURATION_BUCKETS_SECS`], then `+Inf`.
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_secs: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -97,10 +231,17 @@ pub struct Stats {
     pub open_connections: AtomicI64,
     pub fills_in_flight: AtomicI64,
     pub started_at: AtomicU64,
+    /// Newest last; at most [`RECENT_REQUESTS`].
+    recent: Mutex<VecDeque<Completed>>,
+    /// Oldest first, strictly increasing `start`; at most [`HISTORY_MINUTES`].
+    minutes: Mutex<VecDeque<Minute>>,
+    /// By [`Outcome::slot`].
+    durations: [Histogram; 6],
 }
 
 const REGISTRY_PREFIX: &str = "registry\0";
 const REPO_PREFIX: &str = "repo\0";
+const HISTORY_KEY: &str = "history\0minutes";
 
 impl Stats {
     pub fn new() -> Stats {
@@ -120,6 +261,76 @@ impl Stats {
     /// Counts one completed request.
     pub fn record(&self, registry: &str, repo: Option<&str>, outcome: Outcome, bytes: u64) {
         self.update(registry, repo, |c| c.count(outcome, bytes));
+    }
+
+    /// Accounts one completed request everywhere: counters ([`Stats::record`]), the duration
+    /// histogram of its outcome, the per-minute history and the recent-requests ring.
+    pub fn completed(&self, c: Completed) {
+        self.record(&c.registry, c.repo.as_deref(), c.outcome, c.bytes);
+        self.durations[c.outcome.slot()].observe(c.duration);
+        let secs =
+            c.at.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+        self.minute_at(secs, |m| m.count(c.outcome, c.bytes));
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_REQUESTS {
+            recent.pop_front();
+        }
+        recent.push_back(c);
+    }
+
+    /// Applies `f` to the history slot of the minute containing `secs`.
+    fn minute_at(&self, secs: u64, f: impl FnOnce(&mut Minute)) {
+        let start = secs - secs % 60;
+        let mut minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        match minutes.back_mut() {
+            // A clock that stepped back counts into the latest minute.
+            Some(last) if last.start >= start => f(last),
+            _ => {
+                let mut m = Minute {
+                    start,
+                    ..Minute::default()
+                };
+                f(&mut m);
+                minutes.push_back(m);
+            }
+        }
+        while minutes.len() > HISTORY_MINUTES {
+            minutes.pop_front();
+        }
+    }
+
+    /// The most recent completed requests, newest first.
+    pub fn recent_requests(&self, limit: usize) -> Vec<Completed> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().rev().take(limit).cloned().collect()
+    }
+
+    /// The last `n` minutes up to the one containing `now` (unix seconds), oldest first, with
+    /// a zero entry for every minute without requests.
+    pub fn history(&self, now: u64, n: usize) -> Vec<Minute> {
+        let current = now - now % 60;
+        let minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        (0..n as u64)
+            .rev()
+            .filter_map(|ago| current.checked_sub(ago * 60))
+            .map(|start| {
+                minutes
+                    .iter()
+                    .find(|m| m.start == start)
+                    .cloned()
+                    .unwrap_or(Minute {
+                        start,
+                        ..Minute::default()
+                    })
+            })
+            .collect()
+    }
+
+    /// Request durations of `outcome` since start.
+    pub fn durations(&self, outcome: Outcome) -> DurationHistogram {
+        self.durations[outcome.slot()].snapshot()
     }
 
     /// Notes an upstream answer from the registry: rate-limit headers, and whether it was a
@@ -223,6 +434,16 @@ impl Stats {
                 t.repos.insert(name.to_string(), counters);
             }
         }
+        drop(t);
+        // Every counter is tried as a history; only the history key parses as one.
+        let histories = index.counters::<Vec<Minute>>();
+        if let Some((_, mut saved)) = histories.into_iter().find(|(k, _)| k == HISTORY_KEY) {
+            saved.sort_by_key(|m| m.start);
+            saved.dedup_by_key(|m| m.start);
+            let skip = saved.len().saturating_sub(HISTORY_MINUTES);
+            *self.minutes.lock().unwrap_or_else(|p| p.into_inner()) =
+                saved.into_iter().skip(skip).collect();
+        }
     }
 
     pub fn persist(&self, index: &Index) -> Result<(), IndexError> {
@@ -236,6 +457,11 @@ impl Stats {
         for (name, c) in repos {
             index.put_counters(&format!("{REPO_PREFIX}{name}"), &c)?;
         }
+        let minutes: Vec<Minute> = {
+            let m = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter().cloned().collect()
+        };
+        index.put_counters(HISTORY_KEY, &minutes)?;
         Ok(())
     }
 }
@@ -274,6 +500,78 @@ mod tests {
         assert_eq!(r.ratelimit_remaining.as_deref(), Some("76;w=21600"));
     }
 
+    fn completed(outcome: Outcome, at_secs: u64, bytes: u64, ms: u64) -> Completed {
+        Completed {
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(at_secs),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            registry: "r".into(),
+            repo: Some("a".into()),
+            kind: "blob",
+            reference: None,
+            method: "GET".into(),
+            status: 200,
+            outcome,
+            upstream_status: None,
+            bytes,
+            complete: true,
+            duration: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn recent_requests_are_bounded_and_newest_first() {
+        let s = Stats::new();
+        for i in 0..(RECENT_REQUESTS as u64 + 5) {
+            s.completed(completed(Outcome::Hit, 1_000, i, 1));
+        }
+        let recent = s.recent_requests(usize::MAX);
+        assert_eq!(recent.len(), RECENT_REQUESTS);
+        assert_eq!(recent[0].bytes, RECENT_REQUESTS as u64 + 4);
+        assert_eq!(s.recent_requests(3).len(), 3);
+        assert_eq!(s.registry("r").requests, RECENT_REQUESTS as u64 + 5);
+    }
+
+    #[test]
+    fn durations_land_in_cumulative_buckets_by_outcome() {
+        let s = Stats::new();
+        s.completed(completed(Outcome::Hit, 0, 1, 3));
+        s.completed(completed(Outcome::Hit, 0, 1, 200));
+        s.completed(completed(Outcome::Miss, 0, 1, 400_000));
+        let hits = s.durations(Outcome::Hit);
+        assert_eq!(hits.count, 2);
+        assert_eq!(hits.cumulative[0], 1); // <= 5ms
+        assert_eq!(hits.cumulative[5], 2); // <= 250ms
+        assert!((hits.sum_secs - 0.203).abs() < 1e-9);
+        let misses = s.durations(Outcome::Miss);
+        assert_eq!(misses.cumulative[DURATION_BUCKETS_SECS.len() - 1], 0);
+        assert_eq!(*misses.cumulative.last().unwrap(), 1); // +Inf
+    }
+
+    #[test]
+    fn history_is_dense_per_minute_and_bounded() {
+        let s = Stats::new();
+        let t0 = 1_700_000_000 - 1_700_000_000 % 60;
+        s.completed(completed(Outcome::Hit, t0 + 5, 10, 1));
+        s.completed(completed(Outcome::Miss, t0 + 59, 7, 1));
+        s.completed(completed(Outcome::Hit, t0 + 120, 1, 1));
+        let h = s.history(t0 + 130, 4);
+        let starts: Vec<u64> = h.iter().map(|m| m.start).collect();
+        assert_eq!(starts, vec![t0 - 60, t0, t0 + 60, t0 + 120]);
+        assert_eq!((h[1].hits, h[1].misses, h[1].bytes_from_cache), (1, 1, 10));
+        assert_eq!(h[1].bytes_served, 17);
+        assert_eq!(
+            h[2],
+            Minute {
+                start: t0 + 60,
+                ..Minute::default()
+            }
+        );
+        for i in 0..(HISTORY_MINUTES as u64 + 10) {
+            s.completed(completed(Outcome::Hit, t0 + 180 + i * 60, 1, 1));
+        }
+        assert_eq!(s.minutes.lock().unwrap().len(), HISTORY_MINUTES);
+    }
+
     #[test]
     fn counters_survive_a_round_trip_through_the_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -281,9 +579,12 @@ mod tests {
         let s = Stats::new();
         s.record("r", Some("a"), Outcome::Hit, 10);
         s.persist(&index).unwrap();
+        s.completed(completed(Outcome::Miss, 6_000, 3, 1));
+        s.persist(&index).unwrap();
         let s2 = Stats::new();
         s2.load(&index);
         assert_eq!(s2.registry("r").bytes_from_cache, 10);
         assert_eq!(s2.repo("r", "a").hits, 1);
+        assert_eq!(s2.history(6_000, 1)[0].misses, 1);
     }
 }
