@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::route::Digest;
 use crate::stats::Stats;
@@ -56,7 +57,11 @@ pub struct Cache {
     pub(crate) upstream: Upstream,
     pub(crate) stats: Arc<Stats>,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
-    touches: mpsc::UnboundedSender<Touch>,
+    /// Fill tasks, tracked so shutdown can let them finish.
+    tasks: TaskTracker,
+    /// Hits waiting to be written to the index; `None` once closed.
+    touches: Mutex<Option<mpsc::UnboundedSender<Touch>>>,
+    recorder: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Cache {
@@ -65,6 +70,7 @@ impl Cache {
         cache_dir: &Path,
         upstream: Upstream,
         stats: Arc<Stats>,
+        tasks: TaskTracker,
     ) -> Result<Arc<Cache>, CacheError> {
         let dir = cache_dir.to_path_buf();
         let (index, blobs) = tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
@@ -84,14 +90,16 @@ impl Cache {
         .await??;
         stats.load(&index);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(apply_touches(index.clone(), rx));
+        let recorder = tokio::spawn(apply_touches(index.clone(), rx));
         Ok(Arc::new(Cache {
             index,
             blobs,
             upstream,
             stats,
             fills: Mutex::new(HashMap::new()),
-            touches: tx,
+            tasks,
+            touches: Mutex::new(Some(tx)),
+            recorder: Mutex::new(Some(recorder)),
         }))
     }
 
@@ -127,7 +135,11 @@ impl Cache {
 
     /// Records a hit; applied to the index in batches, off the request path.
     pub fn touch(&self, digest: &Digest, registry: &str, repo: &str) {
-        let _ = self.touches.send(Touch {
+        let touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(touches) = touches.as_ref() else {
+            return;
+        };
+        let _ = touches.send(Touch {
             digest: digest.clone(),
             registry: registry.to_string(),
             repo: repo.to_string(),
@@ -172,7 +184,8 @@ impl Cache {
         drop(fills);
         self.stats.fill_started();
         // Its own task: the client that started it may go away; the others still need it.
-        tokio::spawn(fill::run(self.clone(), fill.clone(), progress, req));
+        self.tasks
+            .spawn(fill::run(self.clone(), fill.clone(), progress, req));
         (fill, true)
     }
 
@@ -201,6 +214,24 @@ impl Cache {
             Ok(())
         })
         .await?
+    }
+
+    /// Stops recording hits (after writing the queued ones) and flushes. Called at shutdown,
+    /// after the fills have finished, so the index can be released.
+    pub async fn close(&self) -> Result<(), CacheError> {
+        self.touches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let recorder = self
+            .recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(recorder) = recorder {
+            recorder.await?;
+        }
+        self.flush().await
     }
 
     /// Flushes counters and the index; called periodically and at shutdown.

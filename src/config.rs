@@ -58,6 +58,8 @@ pub enum Command {
     Entries(crate::cli::EntriesArgs),
     /// Remove one digest from a running pullcache's cache.
     Purge(crate::cli::PurgeArgs),
+    /// Print a ready-to-run recipe that makes a client environment pull through pullcache.
+    Setup(crate::setup::SetupArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,6 +27,7 @@
 //! - [`stats`]: counters per registry and repository, persisted.
 //! - [`admin`]: the admin port — JSON API, Prometheus metrics, the dashboard.
 //! - [`cli`]: the client commands (`stats`, `entries`, `purge`) over the admin API.
+//! - [`setup`]: client setup recipes (`pullcache setup`, `GET /setup/<target>`).
 //! - [`body`], [`error`]: the shared body type; errors and whose fault they are.
 
 #![forbid(unsafe_code)]
@@ -44,5 +45,6 @@ pub mod listener;
 pub mod registry;
 pub mod route;
 pub mod server;
+pub mod setup;
 pub mod stats;
 pub mod upstream;

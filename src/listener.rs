@@ -157,6 +157,9 @@ fn local_page(app: &App, req: &Request<Incoming>) -> Response<Body> {
         (&Method::GET | &Method::HEAD, "/") => {
             (StatusCode::OK, "text/plain; charset=utf-8", help_text(app))
         }
+        (&Method::GET | &Method::HEAD, path) if path == "/setup" || path.starts_with("/setup/") => {
+            setup_page(app, req)
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
@@ -172,6 +175,37 @@ fn local_page(app: &App, req: &Request<Incoming>) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
     resp
+}
+
+/// `GET /setup` lists the client recipes, `GET /setup/<target>` serves one (a shell script),
+/// filled in with this proxy's address as the client reached it (`Host`, else `--listen`).
+fn setup_page(app: &App, req: &Request<Incoming>) -> (StatusCode, &'static str, String) {
+    use crate::setup::{index, render_named, Params, ProxyUrl};
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let url = ProxyUrl::from_request(host, app.settings.listen);
+    let params = match Params::new(url, app.ca.cert_pem(), app.settings.intercept.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render setup recipes");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                TEXT,
+                format!("pullcache: {e}\n"),
+            );
+        }
+    };
+    let path = req.uri().path().trim_end_matches('/');
+    match path.strip_prefix("/setup/") {
+        None => (StatusCode::OK, TEXT, index(&params)),
+        Some(name) => match render_named(name, &params) {
+            Ok(script) => (StatusCode::OK, "text/x-shellscript; charset=utf-8", script),
+            Err(e) => (StatusCode::NOT_FOUND, TEXT, format!("pullcache: {e}\n")),
+        },
+    }
 }
 
 fn help_text(app: &App) -> String {
@@ -190,6 +224,7 @@ fn help_text(app: &App) -> String {
          \x20  update-ca-certificates   (then restart dockerd / containerd)\n\
          2. Send HTTPS through the proxy:\n\
          \x20  HTTPS_PROXY=http://THIS-HOST:PORT   (NO_PROXY for your own hosts)\n\n\
+         Ready-to-run recipes (dockerd, GitLab dind, containerd, kind): GET /setup\n\n\
          CA fingerprint (SHA-256): {}\n",
         intercepted.join(", "),
         app.ca.fingerprint_sha256()

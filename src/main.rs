@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => pullcache::cli::stats(args),
         Command::Entries(args) => pullcache::cli::entries(args),
         Command::Purge(args) => pullcache::cli::purge(args),
+        Command::Setup(args) => pullcache::setup::run(args),
         Command::Serve(args) => {
             let settings = match Settings::try_from(args) {
                 Ok(s) => s,

@@ -126,12 +126,18 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 
     let upstream = Upstream::new(&settings)?;
     let stats = Arc::new(Stats::new());
-    let cache = Cache::open(&settings.cache_dir, upstream.clone(), stats.clone())
-        .await
-        .map_err(|source| StartError::Cache {
-            dir: settings.cache_dir.display().to_string(),
-            source,
-        })?;
+    let tasks = TaskTracker::new();
+    let cache = Cache::open(
+        &settings.cache_dir,
+        upstream.clone(),
+        stats.clone(),
+        tasks.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Cache {
+        dir: settings.cache_dir.display().to_string(),
+        source,
+    })?;
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -155,12 +161,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         cache,
         stats,
         shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        tasks,
         probes: Mutex::new(HashMap::new()),
     });
     app.tasks.spawn(crate::listener::serve(proxy, app.clone()));
     app.tasks.spawn(crate::admin::serve(admin, app.clone()));
-    tokio::spawn(flush_periodically(app.clone()));
+    app.tasks.spawn(flush_periodically(app.clone()));
     tracing::info!(proxy_addr = %proxy_addr, admin_addr = %admin_addr,
         intercept = ?app.settings.intercept.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
         cache_dir = %app.settings.cache_dir.display(), "listening");
@@ -210,8 +216,8 @@ impl Running {
         &self.app
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to the drain deadline), then
-    /// flushes counters and the index.
+    /// Stops accepting, lets in-flight requests and downloads finish (up to the drain
+    /// deadline), then flushes counters and the index and releases it.
     pub async fn shutdown(self) {
         self.app.shutdown.cancel();
         self.app.tasks.close();
@@ -225,8 +231,10 @@ impl Running {
                 "drain deadline passed; closing the remaining connections"
             );
         }
-        if let Err(e) = self.app.cache.flush().await {
+        if let Err(e) = self.app.cache.close().await {
             tracing::error!(error = %e, "cannot flush the index at shutdown");
         }
+        // Dropping the last handle releases the index's lock for the next start.
+        drop(self.app);
     }
 }

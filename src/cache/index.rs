@@ -23,6 +23,8 @@ pub enum IndexError {
     Sled(#[from] sled::Error),
     #[error("index I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0} is in use by another pullcache (or one still shutting down); give each instance its own --cache-dir")]
+    Locked(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,14 +104,16 @@ impl Index {
         let path = cache_dir.join("index");
         match open_sled(&path) {
             Ok(index) => Ok((index, false)),
-            Err(reason) => {
+            // A live index belongs to someone else: never "repair" it.
+            Err(OpenFailure::Locked) => Err(IndexError::Locked(path.display().to_string())),
+            Err(OpenFailure::Broken(reason)) => {
                 let aside = cache_dir.join(format!("index.broken-{}", now_secs()));
                 tracing::error!(path = %path.display(), aside = %aside.display(), %reason,
                     "cache index cannot be opened; moving it aside and rebuilding from the blob files");
                 std::fs::rename(&path, &aside)?;
                 let index = open_sled(&path).map_err(|e| {
                     IndexError::Io(std::io::Error::other(format!(
-                        "fresh index failed too: {e}"
+                        "fresh index failed too: {e:?}"
                     )))
                 })?;
                 Ok((index, true))
@@ -291,7 +295,14 @@ fn sniff(path: &PathBuf, size: u64) -> (Kind, String, Option<Vec<u8>>) {
     }
 }
 
-fn open_sled(path: &Path) -> Result<Index, String> {
+#[derive(Debug)]
+enum OpenFailure {
+    /// Another process (or a not yet dropped handle in this one) holds the index.
+    Locked,
+    Broken(String),
+}
+
+fn open_sled(path: &Path) -> Result<Index, OpenFailure> {
     // sled panics on some kinds of corruption instead of returning an error.
     let path = path.to_path_buf();
     let opened = std::panic::catch_unwind(move || -> Result<Index, sled::Error> {
@@ -311,8 +322,10 @@ fn open_sled(path: &Path) -> Result<Index, String> {
     });
     match opened {
         Ok(Ok(index)) => Ok(index),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("sled panicked while opening".into()),
+        // sled reports a held lock only through this message (config.rs, `try_lock`).
+        Ok(Err(e)) if e.to_string().contains("could not acquire lock") => Err(OpenFailure::Locked),
+        Ok(Err(e)) => Err(OpenFailure::Broken(e.to_string())),
+        Err(_) => Err(OpenFailure::Broken("sled panicked while opening".into())),
     }
 }
 
@@ -378,6 +391,33 @@ mod tests {
             manifest
         );
         assert!(index.get(&ghost).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_index_in_use_is_an_error_never_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = Index::open(dir.path()).unwrap();
+        first
+            .put_challenge(
+                "r",
+                &Challenge {
+                    status: 401,
+                    www_authenticate: None,
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            Index::open(dir.path()),
+            Err(IndexError::Locked(_))
+        ));
+        assert!(first.challenge("r").unwrap().is_some());
+        let moved_aside = std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("index.broken")
+        });
+        assert!(!moved_aside);
     }
 
     #[test]
