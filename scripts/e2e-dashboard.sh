@@ -204,7 +204,7 @@ def same(page_value, api_value):
 check(p.body_state == "ok", f"the page's script loaded the data (body data-state={p.body_state!r})")
 check(stats["requests"] > 0, f"the API shows traffic to compare ({stats['requests']} requests)")
 
-hub = stats.get("registries", {}).get("registry-1.docker.io:443", {}).get("ratelimit", {})
+hub = stats.get("registries", {}).get("registry-1.docker.io", {}).get("ratelimit", {})
 figures = {
     "requests": stats["requests"],
     "hits": stats["hits"],

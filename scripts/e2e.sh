@@ -358,6 +358,7 @@ s_start_pullcache() {
     cat "$W/pc-ca/ca.crt" "$PKI/testca.crt" >"$W/client-bundle.pem"
     state BUNDLE "$W/client-bundle.pem"
     state PPORT "$PC_PROXY_PORT"
+    [ -n "${PC_ADMIN_PORT:-}" ] && state APORT "$PC_ADMIN_PORT"
 }
 
 der_fingerprint() { openssl x509 -noout -fingerprint -sha256 | cut -d= -f2; }
@@ -483,6 +484,29 @@ s_private_blob_anonymous_refused() {
     done
 }
 
+# The operator's view after the pulls: `pullcache stats` and /metrics agree that the warm
+# pull was served from cache (printed in full: the closing notes quote them).
+s_admin_view() {
+    local url="http://127.0.0.1:$APORT" out
+    out=$("$BIN" stats --admin "$url")
+    echo "$out"
+    grep -Eiq 'hit' <<<"$out" || fail "pullcache stats shows no hits line"
+    local metrics
+    metrics=$(curl -fsS "$url/metrics")
+    grep -E '^pullcache_requests_total\{' <<<"$metrics" | head -n 20
+    grep -Eq '^pullcache_requests_total\{[^}]*outcome="hit"[^}]*\} [1-9]' <<<"$metrics" ||
+        fail "/metrics counts no hit"
+    grep -Eq '^pullcache_requests_total\{[^}]*outcome="miss"[^}]*\} [1-9]' <<<"$metrics" ||
+        fail "/metrics counts no miss"
+}
+
+# The dashboard in a real headless browser shows the same figures as /api/stats.
+s_dashboard() {
+    PULLCACHE_ADMIN_URL="http://127.0.0.1:$APORT" PULLCACHE_ADMIN_TOKEN="" \
+        DASHBOARD_SCREENSHOT="$PC_REPO_ROOT/target/dashboard.png" \
+        "$PC_REPO_ROOT/scripts/e2e-dashboard.sh"
+}
+
 s_pullcache_healthy() {
     pc_alive "$PC_PID" || fail "pullcache exited"
     if pc_strip_ansi <"$PC_LOG" | grep -E 'panicked at'; then
@@ -517,6 +541,8 @@ step "registry-1.docker.io is intercepted (upstream CA alone is refused)" "PPORT
 step "credentialed pull of private/secret through pullcache" "PPORT PUSHED_PRIVATE" s_private_with_creds
 step "anonymous pull of cached private/secret refused" "PRIVATE_CACHED" s_private_anonymous_refused
 step "anonymous GET of a cached private blob refused" "PRIVATE_CACHED" s_private_blob_anonymous_refused
+step "pullcache stats and /metrics show the hits" "APORT WARM_LOG_TO" s_admin_view
+step "dashboard figures match /api/stats (headless chromium)" "APORT WARM_LOG_TO" s_dashboard
 step "pullcache still alive, no panics" "PC_PID" s_pullcache_healthy
 
 if [ -n "${DIRECT_SECS:-}" ] && [ -n "${COLD_SECS:-}" ] && [ -n "${WARM_SECS:-}" ]; then

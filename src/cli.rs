@@ -707,7 +707,7 @@ mod tests {
             "cache": {"entries": 3, "bytes": 4096, "max_bytes": null,
                       "blobs": {"entries": 2}, "manifests": {"entries": 1}},
             "downloads_in_flight": 0, "open_connections": 1,
-            "registries": {"registry-1.docker.io:443": {
+            "registries": {"registry-1.docker.io": {
                 "requests": 4, "hits": 2, "misses": 2, "hit_ratio": 0.5,
                 "bytes_from_cache": 2048, "bytes_from_upstream": 4096,
                 "upstream_manifest_gets": 1,
@@ -717,7 +717,7 @@ mod tests {
         assert!(text.starts_with("pullcache 0.1.0 at http://127.0.0.1:3129, up 1m 15s\n"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[2].starts_with("REGISTRY "), "{text}");
-        assert!(lines[3].starts_with("registry-1.docker.io:443"), "{text}");
+        assert!(lines[3].starts_with("registry-1.docker.io"), "{text}");
         assert!(lines[3].ends_with("99/100 per 6h"), "{text}");
         assert!(lines[4].starts_with("total "), "{text}");
         assert!(

@@ -204,6 +204,18 @@ impl HostPort {
     }
 }
 
+impl HostPort {
+    /// How the registry is named in counters, logs and the admin API: the host alone on the
+    /// default HTTPS port, `host:port` otherwise.
+    pub fn name(&self) -> String {
+        if self.port == 443 {
+            self.host.clone()
+        } else {
+            self.to_string()
+        }
+    }
+}
+
 impl std::fmt::Display for HostPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.host.contains(':') {

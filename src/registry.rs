@@ -91,7 +91,7 @@ pub async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     let route = classify(&parts.method, parts.uri.path(), parts.uri.query());
     let mut ctx = Ctx {
-        reg: registry.to_string(),
+        reg: registry.name(),
         app,
         peer,
         registry,

@@ -57,7 +57,7 @@ impl App {
     /// Records that upstream accepted `cred` for `repo`, and learns (once in a while, in the
     /// background) whether the repository is public.
     pub fn grant(self: &Arc<Self>, registry: &HostPort, repo: &str, cred: CredKey, path: &str) {
-        let reg = registry.to_string();
+        let reg = registry.name();
         self.grants.grant(&reg, repo, cred);
         let key = public_key(&reg, repo);
         {

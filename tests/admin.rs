@@ -20,7 +20,7 @@ use common::pullcache::{Flags, Pullcache};
 use common::{within, KIB, MIB, SHORT};
 
 /// How pullcache names the fake Docker Hub in its counters.
-const HUB: &str = "registry-1.docker.io:443";
+const HUB: &str = "registry-1.docker.io";
 const TOKEN: &str = "s3cret-Admin-token";
 
 async fn hub_and_pullcache(extra: &[&str]) -> (FakeHub, Pullcache) {

@@ -295,7 +295,7 @@ mod tests {
             *b = if i == 0 { 1 } else { 2 };
         }
         Input {
-            registries: vec![("registry-1.docker.io:443".into(), reg)],
+            registries: vec![("registry-1.docker.io".into(), reg)],
             durations: vec![(Outcome::Hit, hit)],
             cache: CacheSummary {
                 blobs: 2,
@@ -314,10 +314,10 @@ mod tests {
     fn renders_counters_histograms_and_gauges() {
         let text = sample().render();
         for line in [
-            "pullcache_requests_total{registry=\"registry-1.docker.io:443\",outcome=\"hit\"} 2",
-            "pullcache_requests_total{registry=\"registry-1.docker.io:443\",outcome=\"miss\"} 1",
-            "pullcache_bytes_from_cache_total{registry=\"registry-1.docker.io:443\"} 2048",
-            "pullcache_ratelimit_remaining{registry=\"registry-1.docker.io:443\"} 99",
+            "pullcache_requests_total{registry=\"registry-1.docker.io\",outcome=\"hit\"} 2",
+            "pullcache_requests_total{registry=\"registry-1.docker.io\",outcome=\"miss\"} 1",
+            "pullcache_bytes_from_cache_total{registry=\"registry-1.docker.io\"} 2048",
+            "pullcache_ratelimit_remaining{registry=\"registry-1.docker.io\"} 99",
             "pullcache_request_duration_seconds_bucket{outcome=\"hit\",le=\"0.005\"} 1",
             "pullcache_request_duration_seconds_bucket{outcome=\"hit\",le=\"+Inf\"} 2",
             "pullcache_request_duration_seconds_count{outcome=\"hit\"} 2",

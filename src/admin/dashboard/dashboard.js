@@ -4,7 +4,7 @@
 
 (function () {
   const REFRESH_MS = 5000;
-  const HUB = 'registry-1.docker.io:443';
+  const HUB = 'registry-1.docker.io';
   const TOKEN_KEY = 'pullcache-admin-token';
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const count = new Intl.NumberFormat('en-US');
