@@ -205,12 +205,13 @@ async fn stats(admin: &Admin) -> Result<Value, ApiError> {
     Ok(Value::Object(out))
 }
 
-/// `registry=` as pullcache names registries (`host:port`); the port defaults to 443.
+/// `registry=` as pullcache names registries ([`HostPort::name`]: `host`, or `host:port` off
+/// 443); `host:443` is accepted too.
 fn take_registry(q: &mut Query) -> Result<Option<String>, ApiError> {
     q.take("registry")
         .map(|r| {
             HostPort::parse(&r, Some(443))
-                .map(|hp| hp.to_string())
+                .map(|hp| hp.name())
                 .map_err(|e| ApiError::bad_request(format!("registry: {e}")))
         })
         .transpose()
