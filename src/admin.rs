@@ -27,9 +27,8 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
@@ -75,21 +74,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
                 let admin = svc_admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(admin.app.settings.header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = admin.app.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
+            crate::listener::serve_http1(&admin.app, TokioIo::new(stream), service, "admin").await;
             drop(permit);
         });
     }

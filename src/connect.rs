@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -124,22 +123,7 @@ where
         let (app, target) = (svc_app.clone(), target.clone());
         async move { Ok::<_, Infallible>(crate::registry::handle(app, peer, target, req).await) }
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.settings.header_timeout)
-        .max_buf_size(crate::listener::MAX_HEADER_BYTES)
-        .serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = app.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "intercepted connection ended with an error");
-    }
+    crate::listener::serve_http1(&app, TokioIo::new(tls), service, "intercepted").await;
 }
 
 /// Copies bytes both ways until both sides close or the tunnel is idle for `idle` (no bytes in

@@ -68,6 +68,17 @@ async fn serve_connection(app: Arc<App>, io: TokioIo<tokio::net::TcpStream>, pee
         let app = svc_app.clone();
         async move { Ok::<_, Infallible>(dispatch(app, peer, req).await) }
     });
+    serve_http1(&app, io, service, "client").await;
+}
+
+/// Serves HTTP/1.1 on one connection (proxy, intercepted or admin) with the header-read
+/// timeout and size limit, until the peer closes or shutdown asks for a graceful close.
+pub async fn serve_http1<I, S>(app: &App, io: I, service: S, what: &'static str)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.settings.header_timeout)
@@ -83,7 +94,8 @@ async fn serve_connection(app: Arc<App>, io: TokioIo<tokio::net::TcpStream>, pee
         }
     };
     if let Err(e) = result {
-        tracing::debug!(client.addr = %peer, error = %e, "client connection ended with an error");
+        // Resets and half-finished requests are the peer's business, not an error of ours.
+        tracing::debug!(error = %e, "{what} connection ended with an error");
     }
 }
 

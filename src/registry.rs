@@ -561,14 +561,7 @@ async fn cached(ctx: &Ctx, digest: &Digest, outcome: Outcome) -> Step<Option<Ans
 
 /// Tags resolve differently per `Accept` (old clients get schema 2, new ones an OCI index).
 fn tag_key(registry: &str, repo: &str, tag: &str, headers: &HeaderMap) -> String {
-    let mut accept: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let mut accept = crate::upstream::header_tokens(headers, header::ACCEPT);
     accept.sort();
     accept.dedup();
     format!("{registry}\0{repo}\0{tag}\0{}", accept.join(","))
