@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
-use sha2::Digest as _;
 
 use crate::config::HostPort;
 use crate::upstream::Upstream;
@@ -37,7 +36,7 @@ pub type CredKey = [u8; 32];
 
 /// The grant key of a request's credential (anonymous requests share one key).
 pub fn cred_key(headers: &HeaderMap) -> CredKey {
-    let mut h = sha2::Sha256::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     match headers.get(header::AUTHORIZATION) {
         Some(v) => {
             h.update(b"auth:");
@@ -45,7 +44,9 @@ pub fn cred_key(headers: &HeaderMap) -> CredKey {
         }
         None => h.update(b"anonymous"),
     }
-    h.finalize().into()
+    let mut key = [0u8; 32];
+    key.copy_from_slice(h.finish().as_ref());
+    key
 }
 
 pub struct Grants {

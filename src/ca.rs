@@ -29,7 +29,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -196,8 +195,9 @@ impl CertificateAuthority {
     }
 
     pub fn fingerprint_sha256(&self) -> String {
-        let digest = Sha256::digest(self.cert_der.as_ref());
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.cert_der.as_ref());
         digest
+            .as_ref()
             .iter()
             .map(|b| format!("{b:02X}"))
             .collect::<Vec<_>>()

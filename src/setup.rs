@@ -19,8 +19,6 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use sha2::{Digest, Sha256};
-
 use crate::config::{HostPort, DEFAULT_INTERCEPT};
 
 /// The POSIX-sh CA installer every recipe runs (also shipped as `scripts/install-ca.sh`).
@@ -208,7 +206,8 @@ impl Params {
     /// -sha256` prints).
     pub fn ca_fingerprint(&self) -> String {
         let der = pem_body_der(&self.ca_pem).unwrap_or_default();
-        Sha256::digest(&der)
+        ring::digest::digest(&ring::digest::SHA256, &der)
+            .as_ref()
             .iter()
             .map(|b| format!("{b:02X}"))
             .collect::<Vec<_>>()

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
-use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 
@@ -328,10 +327,15 @@ async fn download(
     let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE_BATCHES);
     let (progress_tx, stats) = (progress.tx.clone(), cache.stats.clone());
     let (registry, repo) = (req.registry.clone(), req.repo.clone());
+    let digest_name = req.digest.algorithm().to_string();
+    let algorithm = match req.digest.algorithm() {
+        "sha512" => &ring::digest::SHA512,
+        _ => &ring::digest::SHA256,
+    };
     let writer =
         tokio::task::spawn_blocking(move || -> Result<(std::fs::File, String, u64), String> {
             let mut file = file;
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = ring::digest::Context::new(algorithm);
             let mut written = 0u64;
             while let Some(batch) = rx.blocking_recv() {
                 file.write_all(&batch)
@@ -341,7 +345,7 @@ async fn download(
                 stats.bytes_from_upstream(&registry, &repo, batch.len() as u64);
                 let _ = progress_tx.send(streaming(written));
             }
-            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+            let digest = format!("{}:{}", digest_name, hex::encode(hasher.finish()));
             Ok((file, digest, written))
         });
 
@@ -387,7 +391,7 @@ async fn download(
             )));
         }
     }
-    if req.digest.algorithm() != "sha256" || actual != req.digest.as_str() {
+    if actual != req.digest.as_str() {
         cache.stats.digest_mismatch(&req.registry);
         return Err(Failure::broken(format!(
             "digest mismatch: upstream sent {actual}"

@@ -344,10 +344,9 @@ mod tests {
     use super::*;
 
     fn digest_of(bytes: &[u8]) -> Digest {
-        use sha2::Digest as _;
         Digest::parse(&format!(
             "sha256:{}",
-            hex::encode(sha2::Sha256::digest(bytes))
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
         ))
         .unwrap()
     }
