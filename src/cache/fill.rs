@@ -29,6 +29,8 @@ use crate::route::Digest;
 pub const WRITE_BATCH_BYTES: usize = 1024 * 1024;
 /// Batches queued for the writer thread before the network read waits (bounds memory).
 pub const WRITE_QUEUE_BATCHES: usize = 4;
+/// Batches written but not yet hashed before the writer waits (bounds memory).
+pub const HASH_QUEUE_BATCHES: usize = 8;
 /// Largest read a client stream does at once, from a cached file or a fill in progress.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 
@@ -322,9 +324,11 @@ async fn download(
     };
     let _ = progress.tx.send(streaming(0));
 
-    // A blocking writer thread hashes and writes batches while this task reads the next ones
-    // from the network, so disk and network overlap.
+    // Two blocking threads work while this task reads the next batches from the network: a
+    // writer (write, then announce to readers) and a hasher behind it. Readers therefore run
+    // at disk speed, not hashing speed; only the last byte waits for the verdict.
     let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE_BATCHES);
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Bytes>(HASH_QUEUE_BATCHES);
     let (progress_tx, stats) = (progress.tx.clone(), cache.stats.clone());
     let (registry, repo) = (req.registry.clone(), req.repo.clone());
     let digest_name = req.digest.algorithm().to_string();
@@ -332,55 +336,67 @@ async fn download(
         "sha512" => &ring::digest::SHA512,
         _ => &ring::digest::SHA256,
     };
-    let writer =
-        tokio::task::spawn_blocking(move || -> Result<(std::fs::File, String, u64), String> {
-            let mut file = file;
-            let mut hasher = ring::digest::Context::new(algorithm);
-            let mut written = 0u64;
-            while let Some(batch) = rx.blocking_recv() {
-                file.write_all(&batch)
-                    .map_err(|e| format!("cannot write the temp file: {e}"))?;
-                hasher.update(&batch);
-                written += batch.len() as u64;
-                stats.bytes_from_upstream(&registry, &repo, batch.len() as u64);
-                let _ = progress_tx.send(streaming(written));
-            }
-            let digest = format!("{}:{}", digest_name, hex::encode(hasher.finish()));
-            Ok((file, digest, written))
-        });
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut context = ring::digest::Context::new(algorithm);
+        while let Ok(batch) = hash_rx.recv() {
+            context.update(&batch);
+        }
+        format!("{}:{}", digest_name, hex::encode(context.finish()))
+    });
+    let writer = tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64), String> {
+        let mut file = file;
+        let mut written = 0u64;
+        while let Some(batch) = rx.blocking_recv() {
+            file.write_all(&batch)
+                .map_err(|e| format!("cannot write the temp file: {e}"))?;
+            written += batch.len() as u64;
+            stats.bytes_from_upstream(&registry, &repo, batch.len() as u64);
+            let _ = progress_tx.send(streaming(written));
+            hash_tx
+                .send(batch)
+                .map_err(|_| "the hasher stopped".to_string())?;
+        }
+        Ok((file, written))
+    });
 
     let mut inline = Vec::new();
-    let mut batch = BytesMut::new();
-    let mut body = resp.into_body();
     let mut received = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Failure::broken(format!("upstream body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        received += data.len() as u64;
-        if req.kind == Kind::Manifest {
-            if received > MAX_MANIFEST_BYTES {
-                return Err(Failure::broken("manifest exceeds the size limit"));
+    let network = async {
+        let mut batch = BytesMut::new();
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Failure::broken(format!("upstream body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received += data.len() as u64;
+            if req.kind == Kind::Manifest {
+                if received > MAX_MANIFEST_BYTES {
+                    return Err(Failure::broken("manifest exceeds the size limit"));
+                }
+                inline.extend_from_slice(&data);
             }
-            inline.extend_from_slice(&data);
+            batch.extend_from_slice(&data);
+            // Hand over a batch when it is big, or at once when the writer is idle (low
+            // latency for the clients waiting on the first bytes).
+            let hand_over = batch.len() >= WRITE_BATCH_BYTES || tx.capacity() == tx.max_capacity();
+            if hand_over && tx.send(batch.split().freeze()).await.is_err() {
+                return Ok(()); // the writer failed; its error is reported below
+            }
         }
-        batch.extend_from_slice(&data);
-        // Hand over a batch when it is big, or at once when the writer is idle (low latency
-        // for the clients waiting on the first bytes).
-        let hand_over = batch.len() >= WRITE_BATCH_BYTES || tx.capacity() == tx.max_capacity();
-        if hand_over && tx.send(batch.split().freeze()).await.is_err() {
-            break; // the writer failed; its error is reported below
+        if !batch.is_empty() {
+            let _ = tx.send(batch.freeze()).await;
         }
-    }
-    if !batch.is_empty() {
-        let _ = tx.send(batch.freeze()).await;
-    }
+        Ok(())
+    };
+    let network = network.await;
+    // Whatever happened, let the writer finish before the fill's end is announced, so no
+    // progress update can follow the verdict.
     drop(tx);
-    let (file, actual, written) = writer
-        .await
-        .map_err(|e| Failure::broken(e.to_string()))?
-        .map_err(Failure::broken)?;
+    let written = writer.await.map_err(|e| Failure::broken(e.to_string()));
+    network?;
+    let (file, written) = written?.map_err(Failure::broken)?;
+    let actual = hasher.await.map_err(|e| Failure::broken(e.to_string()))?;
     if written != received {
         return Err(Failure::broken("the writer stopped early"));
     }
