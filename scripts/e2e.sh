@@ -507,6 +507,25 @@ s_dashboard() {
         "$PC_REPO_ROOT/scripts/e2e-dashboard.sh"
 }
 
+# Pushes go through the interception too (uploads streamed both ways): push an image whose
+# blobs the registry has never seen (so they are really uploaded, not mounted) through
+# pullcache, then read it back directly from the registry.
+s_push_through_pullcache() {
+    python3 "$OCITOOL" make "$W/image" pushed --layers 2 --layer-kib 512 >/dev/null
+    python3 "$OCITOOL" inspect "$W/image" pushed >"$W/image-pushed.json"
+    local m0 m1 uploads
+    m0=$(reg_log_mark)
+    via_proxy pc_skopeo copy --preserve-digests --dest-creds user:secret \
+        "oci:$W/image:pushed" docker://docker.io/library/pushed-via-proxy:v1
+    m1=$(reg_log_mark)
+    uploads=$(reg_log_between "$m0" "$m1" | grep -Ec '"(PATCH|PUT) /v2/library/pushed-via-proxy/blobs/uploads/' || true)
+    echo "upload requests seen by the registry: $uploads"
+    [ "$uploads" -ge 2 ] || fail "the registry saw no blob uploads through pullcache"
+    pc_skopeo copy --src-no-creds --src-cert-dir "$PKI/certdir" \
+        "docker://127.0.0.1:$DREG_PORT/library/pushed-via-proxy:v1" "oci:$W/pushed-readback:v1"
+    check_layout "$W/pushed-readback" v1 "$W/image-pushed.json"
+}
+
 s_pullcache_healthy() {
     pc_alive "$PC_PID" || fail "pullcache exited"
     if pc_strip_ansi <"$PC_LOG" | grep -E 'panicked at'; then
@@ -541,6 +560,7 @@ step "registry-1.docker.io is intercepted (upstream CA alone is refused)" "PPORT
 step "credentialed pull of private/secret through pullcache" "PPORT PUSHED_PRIVATE" s_private_with_creds
 step "anonymous pull of cached private/secret refused" "PRIVATE_CACHED" s_private_anonymous_refused
 step "anonymous GET of a cached private blob refused" "PRIVATE_CACHED" s_private_blob_anonymous_refused
+step "push through pullcache reaches the registry intact" "PPORT PUSHED_PUBLIC" s_push_through_pullcache
 step "pullcache stats and /metrics show the hits" "APORT WARM_LOG_TO" s_admin_view
 step "dashboard figures match /api/stats (headless chromium)" "APORT WARM_LOG_TO" s_dashboard
 step "pullcache still alive, no panics" "PC_PID" s_pullcache_healthy
