@@ -792,3 +792,123 @@ async fn a_corrupt_index_does_not_prevent_startup_and_blobs_stay_hits() {
     }
     assert_eq!(blob_traffic(&hub), before, "no upstream blob GET");
 }
+
+// ----- outage policy and tag TTL --------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn during_an_outage_public_content_reaches_everyone_private_only_past_grantees() {
+    // --auth-ttl 0: no grant is ever fresh, so every request needs upstream's word — and
+    // while upstream is down only the outage policy decides.
+    let hub = FakeHub::start().await;
+    let pc = Pullcache::for_hub(&hub, &["--auth-ttl", "0"]).await;
+    hub.add_user("alice", "alice-pw");
+    let public = hub.add_image("library/open", "v1", &[4 * KIB]);
+    let private = hub.add_image("private/vault", "v1", &[4 * KIB]);
+    hub.make_private("private/vault", &["alice"]);
+    RegistryClient::new(&pc, &hub).pull(&public).await;
+    let mut alice = RegistryClient::new(&pc, &hub).with_credentials("alice", "alice-pw");
+    alice.pull(&private).await;
+
+    hub.set_down(Host::Registry, true);
+
+    // A client pullcache has never seen (fresh anonymous token) gets the public image once
+    // pullcache has learned, in the background, that the repository is public.
+    let (pc_ref, hub_ref, img) = (&pc, &hub, &public);
+    eventually(
+        MEDIUM,
+        "public tag served stale to a new client",
+        || async move {
+            let mut c = RegistryClient::new(pc_ref, hub_ref);
+            c.get_manifest(&img.repo, &img.tag, ACCEPT_MANIFESTS)
+                .await
+                .x_cache()
+                == "STALE"
+        },
+    )
+    .await;
+    let mut stranger = RegistryClient::new(&pc, &hub);
+    let layer = &public.layer_digests[0];
+    let r = stranger.get_blob(&public.repo, layer, None).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "public blob during outage: {}",
+        r.describe()
+    );
+    assert!(
+        r.body == public.layers[0],
+        "public blob bytes during outage"
+    );
+
+    // The private image: alice (who held a grant) still gets it; nobody else does.
+    let r = alice
+        .get_manifest(&private.repo, &private.tag, ACCEPT_MANIFESTS)
+        .await;
+    assert_stale(&r, &private, "is down (alice, past grant)");
+    let r = alice
+        .get_blob(&private.repo, &private.layer_digests[0], None)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "alice's private blob: {}",
+        r.describe()
+    );
+    for who in ["anonymous", "alice-with-a-new-token"] {
+        let mut c = RegistryClient::new(&pc, &hub);
+        if who != "anonymous" {
+            c = c.with_credentials("alice", "alice-pw");
+        }
+        let r = c
+            .get_manifest(&private.repo, &private.tag, ACCEPT_MANIFESTS)
+            .await;
+        assert_ne!(
+            r.status,
+            StatusCode::OK,
+            "{who}: private tag during outage: {}",
+            r.describe()
+        );
+        assert!(r.body.len() < 512, "{who}: no manifest bytes");
+        let r = c
+            .get_blob(&private.repo, &private.layer_digests[0], None)
+            .await;
+        assert_ne!(
+            r.status,
+            StatusCode::OK,
+            "{who}: private blob during outage: {}",
+            r.describe()
+        );
+        assert!(r.body.len() < 512, "{who}: no blob bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_ttl_skips_the_head_only_for_credentials_upstream_accepted() {
+    let hub = FakeHub::start().await;
+    let pc = Pullcache::for_hub(&hub, &["--tag-ttl", "1h"]).await;
+    let img = hub.add_image("library/ttl", "v1", &[4 * KIB]);
+    let mut c = RegistryClient::new(&pc, &hub);
+    c.pull(&img).await;
+    let heads = hub.count_on(Host::Registry, "HEAD", "/manifests/");
+
+    let r = c.get_manifest(&img.repo, &img.tag, ACCEPT_MANIFESTS).await;
+    assert_manifest(&r, &img, "tag within --tag-ttl");
+    assert_eq!(r.x_cache(), "HIT");
+    assert_eq!(
+        hub.count_on(Host::Registry, "HEAD", "/manifests/"),
+        heads,
+        "a fresh tag with a granted credential costs no upstream request"
+    );
+
+    // Another client (its own token, no grant yet) is checked upstream all the same.
+    let mut other = RegistryClient::new(&pc, &hub);
+    let r = other
+        .get_manifest(&img.repo, &img.tag, ACCEPT_MANIFESTS)
+        .await;
+    assert_manifest(&r, &img, "tag for a new credential");
+    assert_eq!(r.x_cache(), "REVALIDATED");
+    assert_eq!(
+        hub.count_on(Host::Registry, "HEAD", "/manifests/"),
+        heads + 1
+    );
+}
