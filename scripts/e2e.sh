@@ -411,9 +411,17 @@ s_warm_pull() {
 s_warm_from_cache() {
     local gets
     gets=$(reg_log_between "$WARM_LOG_FROM" "$WARM_LOG_TO" | blob_gets)
+    local window manifest_gets
+    window=$(reg_log_between "$WARM_LOG_FROM" "$WARM_LOG_TO" | grep -E '"(GET|HEAD) /v2/' | grep -v sentinel || true)
     echo "upstream requests during the second pull:"
-    reg_log_between "$WARM_LOG_FROM" "$WARM_LOG_TO" | grep -E '"(GET|HEAD) /v2/' | grep -v sentinel || true
+    echo "$window"
+    # One line per request type, for the notes: e.g. "1 HEAD manifests".
+    echo "by type:"
+    sed -nE 's/.*"(GET|HEAD) \/v2\/([^ ]*\/(blobs|manifests)\/)?[^ ]* HTTP.*/\1 \3/p' <<<"$window" |
+        sed -e 's/ $/ ping/' | sort | uniq -c
     [ -z "$gets" ] || fail "second pull fetched $(grep -c . <<<"$gets") blob(s) from upstream"
+    manifest_gets=$(grep -Ec '"GET /v2/[^ ]+/manifests/' <<<"$window" || true)
+    [ "$manifest_gets" -eq 0 ] || fail "second pull sent $manifest_gets manifest GET(s) upstream (Docker Hub counts those)"
 }
 
 s_xcache_headers() {
@@ -554,7 +562,7 @@ step "pullcache starts and logs proxy_addr" "BIN REG_PORT TOK_PORT" s_start_pull
 step "GET /ca.crt equals 'pullcache ca print'" "PPORT" s_ca_endpoint
 step "cold pull through pullcache matches pushed digests" "PPORT PUSHED_PUBLIC" s_cold_pull
 step "warm pull through pullcache matches pushed digests" "COLD_OK" s_warm_pull
-step "second pull served from cache (no upstream blob GETs)" "WARM_LOG_TO" s_warm_from_cache
+step "second pull served from cache (no upstream blob or manifest GETs)" "WARM_LOG_TO" s_warm_from_cache
 step "X-Cache headers on intercepted responses" "COLD_OK" s_xcache_headers
 step "registry-1.docker.io is intercepted (upstream CA alone is refused)" "PPORT PUSHED_PUBLIC" s_interception_proven
 step "credentialed pull of private/secret through pullcache" "PPORT PUSHED_PRIVATE" s_private_with_creds
