@@ -168,6 +168,12 @@ impl Cache {
         Ok(existed)
     }
 
+    /// The `registry/repository` an in-flight download of `digest` was started for.
+    pub fn fill_origin(&self, digest: &Digest) -> Option<String> {
+        let fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        fills.get(digest).map(|f| f.origin.clone())
+    }
+
     /// Joins the download of `req.digest` if one is running, or starts it. Returns the fill
     /// and whether this call started it.
     pub fn join_or_start(self: &Arc<Self>, req: FillRequest) -> (Arc<Fill>, bool) {
@@ -177,6 +183,7 @@ impl Cache {
         }
         let (fill, progress) = Fill::new(
             req.digest.clone(),
+            index::home(&req.registry, &req.repo),
             self.blobs.temp_path(&req.digest),
             self.blobs.path(&req.digest),
         );

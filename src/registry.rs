@@ -122,9 +122,24 @@ pub async fn handle(
 // By digest: blobs and manifests.
 
 async fn by_digest(ctx: &mut Ctx, repo: &str, digest: &Digest, kind: Kind) -> Step<Answer> {
-    let outage = authorize(ctx, repo).await?;
     let cache = ctx.app.cache.clone();
-    if let Some(hit) = cache.lookup(digest).await.map_err(internal)? {
+    let hit = cache.lookup(digest).await.map_err(internal)?;
+    // Content is the same in every repository, but a registry answers a digest only in the
+    // repositories that hold it (a push relies on that HEAD's 404; a private digest must not
+    // be readable through a public repository). Until upstream has confirmed this one, ask.
+    let home = crate::cache::index::home(&ctx.reg, repo);
+    let known_here = match &hit {
+        Some(hit) => hit.entry.is_known_in(&ctx.reg, repo),
+        None => cache
+            .fill_origin(digest)
+            .is_none_or(|origin| origin == home),
+    };
+    let outage = match authorize(ctx, repo, known_here).await? {
+        // Upstream is down and nothing confirms that this repository holds the digest.
+        Some(refusal) if !known_here => return Err(refusal),
+        outage => outage,
+    };
+    if let Some(hit) = hit {
         if let Some(answer) = serve_hit(ctx, digest, hit, Outcome::Hit).await? {
             return Ok(answer);
         }
@@ -150,13 +165,15 @@ fn kind_path(kind: Kind) -> &'static str {
     }
 }
 
-/// Confirms that upstream would serve `repo` to this client. `Ok(None)`: go ahead.
-/// `Ok(Some(refusal))`: upstream is unavailable but the client may still get cached content
-/// (public repository, or a credential that held a grant); the refusal is what to answer when
-/// nothing is cached. `Err`: upstream refused, pass that on.
-async fn authorize(ctx: &mut Ctx, repo: &str) -> Step<Option<Answer>> {
+/// Confirms that upstream would serve this path of `repo` to this client: a fresh grant is
+/// enough when the object is known to live in `repo` (`known_here`), otherwise upstream is
+/// asked with a HEAD. `Ok(None)`: go ahead. `Ok(Some(refusal))`: upstream is unavailable but
+/// the client may still get cached content (public repository, or a credential that held a
+/// grant); the refusal is what to answer when that is not possible. `Err`: upstream refused,
+/// pass that on.
+async fn authorize(ctx: &mut Ctx, repo: &str, known_here: bool) -> Step<Option<Answer>> {
     let app = ctx.app.clone();
-    if app.grants.fresh(&ctx.reg, repo, ctx.cred) {
+    if known_here && app.grants.fresh(&ctx.reg, repo, ctx.cred) {
         return Ok(None);
     }
     let path = route_path(&ctx.route, repo);

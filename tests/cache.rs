@@ -912,3 +912,56 @@ async fn tag_ttl_skips_the_head_only_for_credentials_upstream_accepted() {
         heads + 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_digest_is_answered_only_in_repositories_upstream_says_hold_it() {
+    let (hub, pc) = hub_and_pullcache().await;
+    hub.add_user("alice", "alice-pw");
+    let secret = hub.add_image("private/app", "v1", &[8 * KIB]);
+    hub.make_private("private/app", &["alice"]);
+    let public = hub.add_image("library/public", "v1", &[1000]);
+    RegistryClient::new(&pc, &hub)
+        .with_credentials("alice", "alice-pw")
+        .pull(&secret)
+        .await;
+
+    // Bob holds a fresh grant for library/public (he just pulled it) ...
+    let mut bob = RegistryClient::new(&pc, &hub);
+    bob.pull(&public).await;
+    // ... which must not open the private layer to him through that repository, nor make a
+    // pusher believe library/public already holds it (docker would then skip the upload).
+    let layer = &secret.layer_digests[0];
+    let head = bob.head_blob(&public.repo, layer).await;
+    assert_eq!(
+        head.status,
+        StatusCode::NOT_FOUND,
+        "HEAD: {}",
+        head.describe()
+    );
+    let get = bob.get_blob(&public.repo, layer, None).await;
+    assert_eq!(get.status, StatusCode::NOT_FOUND, "GET: {}", get.describe());
+    assert!(get.body.len() < 1024, "no layer bytes");
+    let manifest = bob
+        .get_manifest(&public.repo, &secret.manifest_digest, ACCEPT_MANIFESTS)
+        .await;
+    assert_eq!(
+        manifest.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        manifest.describe()
+    );
+
+    // Where upstream does hold it, the cached copy is served after that one confirmation.
+    let shared = hub.add_blob("library/public", secret.layers[0].clone());
+    assert_eq!(&shared, layer);
+    let before = blob_traffic(&hub);
+    let get = bob.get_blob(&public.repo, layer, None).await;
+    assert_eq!(get.status, StatusCode::OK, "{}", get.describe());
+    assert!(get.body == secret.layers[0]);
+    assert_eq!(get.x_cache(), "HIT");
+    assert_eq!(
+        blob_traffic(&hub),
+        before,
+        "served from cache, no upstream GET"
+    );
+}

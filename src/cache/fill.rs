@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::body::{Body, BoxError};
-use crate::cache::index::{now_secs, Entry, Kind};
+use crate::cache::index::{home, now_secs, Entry, Kind};
 use crate::cache::Cache;
 use crate::config::MAX_MANIFEST_BYTES;
 use crate::route::Digest;
@@ -67,6 +67,8 @@ pub enum FillState {
 /// An in-flight download, as seen by its readers.
 pub struct Fill {
     pub digest: Digest,
+    /// The `registry/repository` the download was started for (see [`Entry::known_in`]).
+    pub origin: String,
     tmp: PathBuf,
     done_path: PathBuf,
     state: watch::Receiver<FillState>,
@@ -78,11 +80,17 @@ pub(crate) struct Progress {
 }
 
 impl Fill {
-    pub(crate) fn new(digest: Digest, tmp: PathBuf, done_path: PathBuf) -> (Arc<Fill>, Progress) {
+    pub(crate) fn new(
+        digest: Digest,
+        origin: String,
+        tmp: PathBuf,
+        done_path: PathBuf,
+    ) -> (Arc<Fill>, Progress) {
         let (tx, rx) = watch::channel(FillState::Pending);
         (
             Arc::new(Fill {
                 digest,
+                origin,
                 tmp,
                 done_path,
                 state: rx,
@@ -424,6 +432,7 @@ async fn download(
         hits: 0,
         registries: vec![req.registry.clone()],
         repos: vec![req.repo.clone()],
+        known_in: vec![home(&req.registry, &req.repo)],
     };
     let inline = (req.kind == Kind::Manifest).then_some(inline);
     cache

@@ -14,8 +14,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::cache::blobs::BlobStore;
 use crate::route::Digest;
 
-/// How many distinct registries/repositories an entry remembers having been seen in.
+/// How many distinct registries/repositories an entry lists for people (admin API).
 pub const MAX_SEEN_IN: usize = 32;
+/// How many `registry/repository` pairs an entry remembers as confirmed homes. Past this, a
+/// request from another repository costs one upstream HEAD to confirm it (never a wrong answer).
+pub const MAX_KNOWN_IN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -46,19 +49,37 @@ pub struct Entry {
     pub hits: u64,
     pub registries: Vec<String>,
     pub repos: Vec<String>,
+    /// `registry/repository` pairs upstream has confirmed hold this digest (a fetch from
+    /// there, a HEAD there, or a tag there that resolved to it). A registry answers a digest
+    /// only in repositories that hold it, so pullcache does too.
+    #[serde(default)]
+    pub known_in: Vec<String>,
 }
 
 impl Entry {
-    /// Notes that the entry was served in `registry`/`repo` at `now`.
+    /// Notes that the entry was served in `registry`/`repo` at `now` (after upstream confirmed
+    /// that `repo` holds it).
     pub fn seen(&mut self, registry: &str, repo: &str, now: u64) {
         self.last_access = self.last_access.max(now);
-        remember(&mut self.registries, registry);
-        remember(&mut self.repos, repo);
+        remember(&mut self.registries, registry, MAX_SEEN_IN);
+        remember(&mut self.repos, repo, MAX_SEEN_IN);
+        remember(&mut self.known_in, &home(registry, repo), MAX_KNOWN_IN);
+    }
+
+    /// Has upstream confirmed that `registry`/`repo` holds this digest?
+    pub fn is_known_in(&self, registry: &str, repo: &str) -> bool {
+        let key = home(registry, repo);
+        self.known_in.contains(&key)
     }
 }
 
-fn remember(list: &mut Vec<String>, item: &str) {
-    if !item.is_empty() && !list.iter().any(|x| x == item) && list.len() < MAX_SEEN_IN {
+/// How a repository is named in [`Entry::known_in`].
+pub fn home(registry: &str, repo: &str) -> String {
+    format!("{registry}/{repo}")
+}
+
+fn remember(list: &mut Vec<String>, item: &str, max: usize) {
+    if !item.is_empty() && !list.iter().any(|x| x == item) && list.len() < max {
         list.push(item.to_string());
     }
 }
@@ -253,6 +274,7 @@ impl Index {
                 hits: 0,
                 registries: Vec::new(),
                 repos: Vec::new(),
+                known_in: Vec::new(),
             };
             self.insert(digest, &entry, inline.as_deref())?;
             added += 1;
@@ -378,6 +400,7 @@ mod tests {
             hits: 0,
             registries: vec![],
             repos: vec![],
+            known_in: vec![],
         };
         index.insert(&ghost, &e, None).unwrap();
         assert_eq!(index.reconcile(&store).unwrap(), (1, 2));
