@@ -30,7 +30,7 @@ pub const WRITE_BATCH_BYTES: usize = 1024 * 1024;
 /// Batches queued for the writer thread before the network read waits (bounds memory).
 pub const WRITE_QUEUE_BATCHES: usize = 4;
 /// Batches written but not yet hashed before the writer waits (bounds memory).
-pub const HASH_QUEUE_BATCHES: usize = 8;
+pub const HASH_QUEUE_BATCHES: usize = 4;
 /// Largest read a client stream does at once, from a cached file or a fill in progress.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 
