@@ -41,7 +41,7 @@ dockerd_rc=0
 E2E_NO_BUILD=1 "$HERE/e2e-dockerd.sh" 2>&1 | tee "$dockerd_out" || dockerd_rc=$?
 
 # "N passed, M failed" of each script, summed for the closing line.
-counts() { grep -Eo "^$1: [0-9]+ passed, [0-9]+ failed" "$2" | tail -n 1 | grep -Eo '[0-9]+' | tr '\n' ' '; }
+counts() { sed -nE "s/^$1: ([0-9]+) passed, ([0-9]+) failed.*/\\1 \\2/p" "$2" | tail -n 1; }
 read -r e2e_pass e2e_fail <<<"$(counts e2e "$e2e_out")" || true
 read -r dk_pass dk_fail <<<"$(counts dockerd-e2e "$dockerd_out")" || true
 if grep -q '^dockerd-e2e: SKIP' "$dockerd_out"; then
