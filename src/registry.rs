@@ -149,7 +149,7 @@ async fn by_digest(ctx: &mut Ctx, repo: &str, digest: &Digest, kind: Kind) -> St
         return Err(refusal);
     }
     if ctx.method == Method::HEAD {
-        return pass_head(ctx, repo, digest).await;
+        return pass_following(ctx, repo, digest).await;
     }
     let uri = upstream_uri(
         &ctx.registry,
@@ -444,6 +444,10 @@ async fn serve_fill(ctx: &mut Ctx, fill: Arc<Fill>, outcome: Outcome) -> Step<An
             }
             .into());
         }
+        FillState::Unstorable { .. } => {
+            let repo = ctx.route.repo().unwrap_or_default().to_string();
+            return pass_following(ctx, &repo, &fill.digest).await;
+        }
         FillState::Pending => return Err(internal("download never started")),
     };
     ctx.upstream_status.get_or_insert(200);
@@ -684,18 +688,30 @@ async fn pass(ctx: &mut Ctx, mut req: Request<Body>) -> Step<Answer> {
     Ok(forwarded(resp))
 }
 
-/// A HEAD that missed the cache goes upstream as a HEAD, never as a GET. Redirects (a blob
-/// on a CDN) are followed here, as for GETs, so the client sees the object's own headers.
-async fn pass_head(ctx: &mut Ctx, repo: &str, digest: &Digest) -> Step<Answer> {
+/// Forwards this GET or HEAD upstream without caching, following redirects (a blob on a CDN)
+/// inside pullcache so the client sees the object's own headers, never the redirect. Used for
+/// a HEAD that missed the cache (it stays a HEAD: never a counted GET) and for GETs the cache
+/// cannot store (disk full).
+async fn pass_following(ctx: &mut Ctx, repo: &str, digest: &Digest) -> Step<Answer> {
     let uri = upstream_uri(&ctx.registry, &route_path(&ctx.route, repo))?;
-    let headers = forwarded_headers(&ctx.headers);
+    let mut headers = forwarded_headers(&ctx.headers);
+    if let Some(range) = ctx.headers.get(header::RANGE) {
+        headers.insert(header::RANGE, range.clone());
+    }
     let resp = ctx
         .app
         .upstream
-        .fetch_following(Method::HEAD, uri, &headers)
+        .fetch_following(ctx.method.clone(), uri, &headers)
         .await?;
     ctx.upstream_status = Some(resp.status().as_u16());
-    ctx.app.stats.upstream_head(&ctx.reg, repo, resp.headers());
+    if ctx.method == Method::HEAD {
+        ctx.app.stats.upstream_head(&ctx.reg, repo, resp.headers());
+    } else {
+        let manifest = !matches!(ctx.route, Route::Blob { .. });
+        ctx.app
+            .stats
+            .upstream_response(&ctx.reg, repo, resp.headers(), manifest);
+    }
     let mut answer = forwarded(resp);
     if answer.response.status().is_success() {
         if let Ok(v) = HeaderValue::from_str(digest.as_str()) {

@@ -965,3 +965,44 @@ async fn a_cached_digest_is_answered_only_in_repositories_upstream_says_hold_it(
         "served from cache, no upstream GET"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_cache_cannot_store_clients_are_passed_through_and_nothing_is_cached() {
+    let (hub, pc) = hub_and_pullcache().await;
+    let img = hub.add_image("library/nodisk", "v1", &[256 * KIB]);
+    let (digest, data) = (&img.layer_digests[0], &img.layers[0]);
+    // Stand-in for a full or read-only disk (root ignores permissions): tmp/ is not a
+    // directory, so no temp file can be created.
+    let tmp = pc.cache_dir().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+
+    let mut c = RegistryClient::new(&pc, &hub);
+    for round in ["first", "second"] {
+        let r = c.get_blob(&img.repo, digest, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{round}: {}", r.describe());
+        assert!(
+            r.body == *data,
+            "{round}: the client still gets the right bytes"
+        );
+        assert_eq!(r.x_cache(), "PASS", "{round}");
+        let r = c.get_blob(&img.repo, digest, Some("bytes=1000-")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::PARTIAL_CONTENT,
+            "{round} range: {}",
+            r.describe()
+        );
+        assert!(r.body == data.slice(1000..));
+    }
+    assert!(!pc.blob_path(digest).exists(), "nothing was cached");
+
+    // Once the disk is back, the next request fills the cache as usual.
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let r = c.get_blob(&img.repo, digest, None).await;
+    assert_eq!(r.x_cache(), "MISS", "{}", r.describe());
+    assert!(r.body == *data);
+    let r = c.get_blob(&img.repo, digest, None).await;
+    assert_eq!(r.x_cache(), "HIT");
+}

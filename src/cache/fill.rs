@@ -62,6 +62,9 @@ pub enum FillState {
         upstream: Option<(StatusCode, HeaderMap)>,
         reason: String,
     },
+    /// The cache cannot take the object (disk full, cache directory unwritable); nothing
+    /// was asked of upstream. Clients should be passed through to upstream instead.
+    Unstorable { reason: String },
 }
 
 /// An in-flight download, as seen by its readers.
@@ -175,7 +178,7 @@ impl Reader {
                 FillState::Streaming { written, .. } => written.saturating_sub(1),
                 FillState::Done { size, .. } if self.pos >= *size => return Ok(None),
                 FillState::Done { size, .. } => *size,
-                FillState::Failed { reason, .. } => {
+                FillState::Failed { reason, .. } | FillState::Unstorable { reason } => {
                     return Err(format!("upstream download failed: {reason}").into())
                 }
             };
@@ -236,7 +239,26 @@ impl Reader {
 
 /// Runs one fill to the end. Never panics; every exit publishes `Done` or `Failed`.
 pub(crate) async fn run(cache: Arc<Cache>, fill: Arc<Fill>, progress: Progress, req: FillRequest) {
-    let result = download(&cache, &fill, &progress, &req).await;
+    let tmp = fill.tmp.clone();
+    // The temp file comes first: if the cache cannot store anything, upstream is not asked
+    // (a manifest GET counts against Docker Hub's limit) and clients are passed through.
+    let created = tokio::task::spawn_blocking(move || std::fs::File::create(tmp)).await;
+    let file = match created {
+        Ok(Ok(file)) => file,
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => format!("cannot create a temp file in the cache: {e}"),
+                Err(e) => e.to_string(),
+                Ok(Ok(_)) => String::new(),
+            };
+            tracing::warn!(digest = %req.digest, %reason, "not caching; passing clients through");
+            cache.stats.fill_failed(&req.registry);
+            cache.finish_fill(&fill.digest);
+            let _ = progress.tx.send(FillState::Unstorable { reason });
+            return;
+        }
+    };
+    let result = download(&cache, &fill, &progress, &req, file).await;
     let final_state = match result {
         Ok((size, media_type)) => FillState::Done { size, media_type },
         Err(failure) => {
@@ -279,6 +301,7 @@ async fn download(
     fill: &Arc<Fill>,
     progress: &Progress,
     req: &FillRequest,
+    file: std::fs::File,
 ) -> Result<(u64, String), Failure> {
     let resp = cache
         .upstream
@@ -319,11 +342,6 @@ async fn download(
             "manifest larger than {MAX_MANIFEST_BYTES} bytes"
         )));
     }
-    let tmp = fill.tmp.clone();
-    let file = tokio::task::spawn_blocking(move || std::fs::File::create(tmp))
-        .await
-        .map_err(|e| Failure::broken(e.to_string()))?
-        .map_err(|e| Failure::broken(format!("cannot create temp file: {e}")))?;
     let announced_type = media_type.clone();
     let streaming = move |written| FillState::Streaming {
         len,
