@@ -14,7 +14,7 @@
 //! served to everyone, private content only to credentials that held a grant.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
@@ -29,10 +29,15 @@ pub const HELD_GRANT_SECS: u64 = 24 * 3600;
 pub const PUBLIC_RECHECK_SECS: u64 = 3600;
 /// Grants remembered at most; the oldest are dropped beyond this.
 pub const MAX_GRANTS: usize = 100_000;
+/// How long a request waits for another's upstream check of the same credential.
+pub const CHECK_WAIT_MS: u64 = 2000;
 /// Largest token response read from a realm, in bytes.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
 pub type CredKey = [u8; 32];
+
+/// (registry, repository, credential): what a grant is about.
+type GrantKey = (String, String, CredKey);
 
 /// The grant key of a request's credential (anonymous requests share one key).
 pub fn cred_key(headers: &HeaderMap) -> CredKey {
@@ -51,7 +56,14 @@ pub fn cred_key(headers: &HeaderMap) -> CredKey {
 
 pub struct Grants {
     ttl: Duration,
-    map: Mutex<HashMap<(String, String, CredKey), Instant>>,
+    map: Mutex<HashMap<GrantKey, Instant>>,
+    /// One upstream check at a time per key.
+    checks: Mutex<HashMap<GrantKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Held while one upstream check runs; others for the same key wait, then re-check the grant.
+pub struct CheckGuard {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Grants {
@@ -59,6 +71,7 @@ impl Grants {
         Grants {
             ttl,
             map: Mutex::new(HashMap::new()),
+            checks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -81,6 +94,29 @@ impl Grants {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&(registry.to_string(), repo.to_string(), cred))
             .map(|at| at.elapsed())
+    }
+
+    /// Waits until no other request is checking this credential for this repository upstream,
+    /// for at most [`CHECK_WAIT_MS`]: a stalled upstream must not queue every request behind
+    /// one check (then they go on in parallel, unguarded).
+    pub async fn check_lock(
+        &self,
+        registry: &str,
+        repo: &str,
+        cred: CredKey,
+    ) -> Option<CheckGuard> {
+        let lock = {
+            let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget the locks nobody holds or waits for, so the map stays small.
+            checks.retain(|_, l| Arc::strong_count(l) > 1);
+            checks
+                .entry((registry.to_string(), repo.to_string(), cred))
+                .or_default()
+                .clone()
+        };
+        let wait = Duration::from_millis(CHECK_WAIT_MS);
+        let guard = tokio::time::timeout(wait, lock.lock_owned()).await.ok()?;
+        Some(CheckGuard { _guard: guard })
     }
 
     /// Upstream accepted this credential for this repository within `--auth-ttl`.

@@ -176,6 +176,12 @@ async fn authorize(ctx: &mut Ctx, repo: &str, known_here: bool) -> Step<Option<A
     if known_here && app.grants.fresh(&ctx.reg, repo, ctx.cred) {
         return Ok(None);
     }
+    // Concurrent first requests of one client (a pull fetching its layers in parallel) wait
+    // for one check instead of each sending its own HEAD.
+    let _one_check = app.grants.check_lock(&ctx.reg, repo, ctx.cred).await;
+    if known_here && app.grants.fresh(&ctx.reg, repo, ctx.cred) {
+        return Ok(None);
+    }
     let path = route_path(&ctx.route, repo);
     let uri = upstream_uri(&ctx.registry, &path)?;
     let head = send_head(ctx, uri, repo).await;

@@ -1006,3 +1006,48 @@ async fn when_the_cache_cannot_store_clients_are_passed_through_and_nothing_is_c
     let r = c.get_blob(&img.repo, digest, None).await;
     assert_eq!(r.x_cache(), "HIT");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_first_requests_of_one_client_share_one_upstream_check() {
+    let (hub, pc) = hub_and_pullcache().await;
+    let img = hub.add_image("library/parallel", "v1", &[KIB, KIB, KIB, KIB, KIB, KIB]);
+    let mut c = RegistryClient::new(&pc, &hub);
+    let token = c.token(&img.repo).await.expect("an anonymous token");
+    let heads_before = hub.count_on(Host::Registry, "HEAD", "");
+
+    // Like a pull fetching its layers in parallel, before any grant exists for the token.
+    let mut tasks = Vec::new();
+    for digest in img.layer_digests.clone() {
+        let (proxy, ca, repo, token) = (
+            pc.proxy_addr(),
+            pc.ca_pem(),
+            img.repo.clone(),
+            token.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut conn = common::client::intercepted(proxy, &ca, "registry-1.docker.io").await;
+            let req = common::client::request(
+                hyper::Method::GET,
+                "registry-1.docker.io",
+                &format!("/v2/{repo}/blobs/{digest}"),
+            )
+            .header("authorization", format!("Bearer {token}"))
+            .body(common::body::empty())
+            .unwrap();
+            conn.fetch(req).await
+        }));
+    }
+    for (task, data) in tasks.into_iter().zip(&img.layers) {
+        let r = within(LONG, "parallel blob GET", task).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+        assert!(r.body == *data);
+    }
+    // One check for the six requests; the one-time public-repository probe, running in the
+    // background, adds at most two HEADs of its own (anonymous, then with its own token).
+    // Without the shared check this is six or more.
+    let heads = hub.count_on(Host::Registry, "HEAD", "") - heads_before;
+    assert!(
+        (1..=3).contains(&heads),
+        "{heads} upstream HEADs for six parallel first requests"
+    );
+}
