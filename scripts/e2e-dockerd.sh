@@ -128,77 +128,10 @@ trap 'exit 143' TERM
 pc_log "dockerd e2e work directory: $W"
 
 # --- step runner (as in scripts/e2e.sh) ---------------------------------------------------
-PASSED=0
-FAILED=0
-SKIPPED=0
-FAILED_NAMES=()
+# shellcheck source=scripts/lib/steps.sh
+source "$HERE/lib/steps.sh"
 
-state() {
-    printf '%s=%q\n' "$1" "$2" >>"$STATE"
-    printf -v "$1" '%s' "$2"
-}
-
-step() {
-    local name="$1" needs="$2" k
-    shift 2
-    for k in $needs; do
-        if [ -z "${!k:-}" ]; then
-            printf 'SKIP  %s (needs %s from an earlier step)\n' "$name" "$k"
-            SKIPPED=$((SKIPPED + 1))
-            FAILED_NAMES+=("$name (skipped)")
-            return 0
-        fi
-    done
-    local n=$((PASSED + FAILED + SKIPPED + 1)) log t0 rc
-    log="$W/steps/$(printf %02d "$n").log"
-    t0=$(pc_now)
-    if [ "${E2E_VERBOSE:-0}" = 1 ]; then
-        run_step_body "$@" > >(tee "$log") 2>&1 &
-    else
-        run_step_body "$@" >"$log" 2>&1 &
-    fi
-    STEP_PID=$!
-    rc=0
-    wait "$STEP_PID" || rc=$?
-    STEP_PID=""
-    # shellcheck disable=SC1090
-    source "$STATE"
-    if [ "$rc" -eq 0 ]; then
-        PASSED=$((PASSED + 1))
-        printf 'PASS  %s (%ss)\n' "$name" "$(pc_elapsed "$t0")"
-    else
-        FAILED=$((FAILED + 1))
-        FAILED_NAMES+=("$name")
-        printf 'FAIL  %s (%ss, exit %s)\n' "$name" "$(pc_elapsed "$t0")" "$rc"
-        if [ "${E2E_VERBOSE:-0}" != 1 ]; then
-            sed -e 's/^/      | /' "$log" | tail -n 60
-        fi
-    fi
-}
-
-run_step_body() (
-    set -euo pipefail
-    shopt -s inherit_errexit
-    "$@"
-)
-
-fail() {
-    echo "check failed: $*" >&2
-    return 1
-}
-
-# --- registry log helpers (as in scripts/e2e.sh) -----------------------------------------------
-
-reg_log_mark() {
-    local tag
-    tag="sentinel$(date +%s%N)"
-    curl -s -o /dev/null --noproxy '*' --max-time 5 --cacert "$PKI/testca.crt" \
-        "https://127.0.0.1:$REG_PORT/v2/$tag/tags/list" || true
-    pc_wait_until 15 grep -q "/v2/$tag/" "$REG_LOG" || fail "registry log sentinel not seen"
-    stat -c %s "$REG_LOG"
-}
-reg_log_between() { tail -c +"$(($1 + 1))" "$REG_LOG" | head -c "$(($2 - $1))"; }
-blob_gets() { grep -E '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP' || true; }
+# (registry log helpers reg_log_mark, reg_log_between, blob_gets: scripts/lib/steps.sh)
 
 # blobs_of JSON_FILE -> config and layer digests of an image (ocitool inspect output).
 blobs_of() {

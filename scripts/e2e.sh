@@ -74,76 +74,9 @@ trap 'exit 143' TERM
 
 pc_log "e2e work directory: $W"
 
-# --- step runner ---------------------------------------------------------------
-#
-# step NAME "NEEDS..." FUNC [ARGS...]
-#   Runs FUNC in a subshell with errexit on, so any failing command fails the
-#   step without ending the run.  Steps hand results to later steps with
-#   `state KEY VALUE` (persisted in $STATE and re-read after every step); a
-#   step whose NEEDS keys are unset is skipped because something before it
-#   failed.
-PASSED=0
-FAILED=0
-SKIPPED=0
-FAILED_NAMES=()
-
-state() {
-    printf '%s=%q\n' "$1" "$2" >>"$STATE"
-    printf -v "$1" '%s' "$2"
-}
-
-step() {
-    local name="$1" needs="$2" k
-    shift 2
-    for k in $needs; do
-        if [ -z "${!k:-}" ]; then
-            printf 'SKIP  %s (needs %s from an earlier step)\n' "$name" "$k"
-            SKIPPED=$((SKIPPED + 1))
-            FAILED_NAMES+=("$name (skipped)")
-            return 0
-        fi
-    done
-    local n=$((PASSED + FAILED + SKIPPED + 1)) log t0 rc
-    log="$W/steps/$(printf %02d "$n").log"
-    t0=$(pc_now)
-    # The step runs in the background and is waited for, so that a signal to
-    # this script is handled at once (bash runs traps only between foreground
-    # commands) and on_exit can stop the step's whole process tree.
-    if [ "${E2E_VERBOSE:-0}" = 1 ]; then
-        run_step_body "$@" > >(tee "$log") 2>&1 &
-    else
-        run_step_body "$@" >"$log" 2>&1 &
-    fi
-    STEP_PID=$!
-    rc=0
-    wait "$STEP_PID" || rc=$?
-    STEP_PID=""
-    # shellcheck disable=SC1090
-    source "$STATE"
-    if [ "$rc" -eq 0 ]; then
-        PASSED=$((PASSED + 1))
-        printf 'PASS  %s (%ss)\n' "$name" "$(pc_elapsed "$t0")"
-    else
-        FAILED=$((FAILED + 1))
-        FAILED_NAMES+=("$name")
-        printf 'FAIL  %s (%ss, exit %s)\n' "$name" "$(pc_elapsed "$t0")" "$rc"
-        if [ "${E2E_VERBOSE:-0}" != 1 ]; then
-            sed -e 's/^/      | /' "$log" | tail -n 60
-        fi
-    fi
-}
-
-run_step_body() (
-    set -euo pipefail
-    shopt -s inherit_errexit
-    "$@"
-)
-
-# Fail the current step with a message.
-fail() {
-    echo "check failed: $*" >&2
-    return 1
-}
+# --- step runner (step NAME "NEEDS..." FUNC [ARGS...], state KEY VALUE, fail MSG) ---------
+# shellcheck source=scripts/lib/steps.sh
+source "$HERE/lib/steps.sh"
 
 # --- shared bits for the steps ---------------------------------------------------
 
@@ -172,25 +105,6 @@ check_layout() {
 via_proxy() {
     HTTPS_PROXY="http://127.0.0.1:$PPORT" SSL_CERT_FILE="$BUNDLE" "$@"
 }
-
-# Byte offset of the docker.io registry's log once every request made so far
-# has been logged: make a uniquely named request and wait until it shows up
-# (the registry logs a request when its response completes).
-reg_log_mark() {
-    local tag
-    tag="sentinel$(date +%s%N)"
-    curl -s -o /dev/null --noproxy '*' --max-time 5 --cacert "$PKI/testca.crt" \
-        "https://127.0.0.1:$REG_PORT/v2/$tag/tags/list" || true
-    pc_wait_until 15 grep -q "/v2/$tag/" "$REG_LOG" || fail "registry log sentinel not seen"
-    stat -c %s "$REG_LOG"
-}
-
-# Lines of the registry log between two byte offsets.
-reg_log_between() { tail -c +"$(($1 + 1))" "$REG_LOG" | head -c "$(($2 - $1))"; }
-
-# Blob GETs in registry log text on stdin.  The registry writes one
-# combined-format access line per request: "GET /v2/<name>/blobs/<dgst> HTTP/1.1".
-blob_gets() { grep -E '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP' || true; }
 
 # Get a registry token from auth.docker.io through pullcache's tunnel.
 # proxy_token SCOPE [USER:PASS]
