@@ -342,31 +342,7 @@ s_push_images() {
     state PUSHED 1
 }
 
-s_build_pullcache() {
-    if [ -n "${PULLCACHE_BIN:-}" ] || [ "${E2E_NO_BUILD:-0}" = 1 ]; then
-        echo "not building (PULLCACHE_BIN or E2E_NO_BUILD set)"
-    else
-        (cd "$PC_REPO_ROOT" && cargo build --bin pullcache)
-    fi
-    local bin
-    bin=$(pc_pullcache_bin)
-    [ -x "$bin" ] || fail "no pullcache binary at $bin"
-    state BIN "$bin"
-}
-
-s_start_pullcache() {
-    pc_start_pullcache "$BIN" "$W" \
-        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-        --ca-dir "$W/pc-ca" --cache-dir "$W/pc-cache" \
-        --connect-to "registry-1.docker.io:443=127.0.0.1:$REG_PORT" \
-        --connect-to "auth.docker.io:443=127.0.0.1:$TOK_PORT" \
-        --upstream-ca "$PKI/testca.crt" \
-        --log-format text
-    state PC_LOG "$PC_PROXY_LOG"
-    state PC_PID "$PC_PROXY_PID"
-    state PPORT "$PC_PROXY_PORT"
-    echo "pullcache pid $PC_PROXY_PID proxy port $PC_PROXY_PORT"
-}
+# (s_build_pullcache and s_start_pullcache: scripts/lib/steps.sh)
 
 # --- steps: the recipes ----------------------------------------------------------------------
 

@@ -92,3 +92,37 @@ reg_log_between() { tail -c +"$(($1 + 1))" "$REG_LOG" | head -c "$(($2 - $1))"; 
 # Blob GETs in registry log text on stdin.  The registry writes one
 # combined-format access line per request: "GET /v2/<name>/blobs/<dgst> HTTP/1.1".
 blob_gets() { grep -E '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP' || true; }
+
+# --- pullcache steps (W, PKI, REG_PORT, TOK_PORT set by the caller) ---------------------
+
+s_build_pullcache() {
+    if [ -n "${PULLCACHE_BIN:-}" ] || [ "${E2E_NO_BUILD:-0}" = 1 ]; then
+        echo "not building (PULLCACHE_BIN or E2E_NO_BUILD set)"
+    else
+        (cd "$PC_REPO_ROOT" && cargo build --bin pullcache)
+    fi
+    local bin
+    bin=$(pc_pullcache_bin)
+    [ -x "$bin" ] || fail "no pullcache binary at $bin"
+    state BIN "$bin"
+}
+
+s_start_pullcache() {
+    pc_start_pullcache "$BIN" "$W" \
+        --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+        --ca-dir "$W/pc-ca" --cache-dir "$W/pc-cache" \
+        --connect-to "registry-1.docker.io:443=127.0.0.1:$REG_PORT" \
+        --connect-to "auth.docker.io:443=127.0.0.1:$TOK_PORT" \
+        --upstream-ca "$PKI/testca.crt" \
+        --log-format text
+    state PC_LOG "$PC_PROXY_LOG"
+    state PC_PID "$PC_PROXY_PID"
+    echo "pullcache pid $PC_PROXY_PID proxy port $PC_PROXY_PORT admin port ${PC_ADMIN_PORT:-?}"
+    pc_wait_until 10 test -s "$W/pc-ca/ca.crt" || fail "pullcache did not write $W/pc-ca/ca.crt"
+    cat "$W/pc-ca/ca.crt" "$PKI/testca.crt" >"$W/client-bundle.pem"
+    state BUNDLE "$W/client-bundle.pem"
+    state PPORT "$PC_PROXY_PORT"
+    if [ -n "${PC_ADMIN_PORT:-}" ]; then
+        state APORT "$PC_ADMIN_PORT"
+    fi
+}
