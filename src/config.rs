@@ -19,7 +19,7 @@ pub const DEFAULT_CA_DIR: &str = "./certs";
 pub const DEFAULT_CACHE_DIR: &str = "./cache";
 pub const DEFAULT_INTERCEPT: &str = "registry-1.docker.io";
 /// Ports CONNECT may blind-tunnel to unless configured (see `--tunnel-port`).
-pub const DEFAULT_TUNNEL_PORT: u16 = 443;
+pub const DEFAULT_TUNNEL_PORT: &str = "443";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
@@ -121,7 +121,7 @@ pub struct ServeArgs {
         long = "tunnel-port",
         env = "PULLCACHE_TUNNEL_PORT",
         value_delimiter = ',',
-        default_value = "443"
+        default_value = DEFAULT_TUNNEL_PORT
     )]
     pub tunnel_port: Vec<u16>,
     /// Serve a tag from cache without asking upstream if it was revalidated this recently

@@ -63,18 +63,6 @@ impl ProxyError {
             Fault::Internal => tracing::error!(error = %self, "internal error"),
         }
     }
-
-    /// Is this a failure to get any answer from upstream (as opposed to an answer we dislike)?
-    /// Stale-if-error applies to these.
-    pub fn is_upstream_unavailable(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Unreachable { .. }
-                | ProxyError::UpstreamTls { .. }
-                | ProxyError::UpstreamTimeout { .. }
-                | ProxyError::BadUpstream { .. }
-        )
-    }
 }
 
 impl From<std::io::Error> for ProxyError {

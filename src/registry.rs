@@ -151,18 +151,8 @@ async fn by_digest(ctx: &mut Ctx, repo: &str, digest: &Digest, kind: Kind) -> St
     if ctx.method == Method::HEAD {
         return pass_following(ctx, repo, digest).await;
     }
-    let uri = upstream_uri(
-        &ctx.registry,
-        &format!("/v2/{repo}/{}/{digest}", kind_path(kind)),
-    )?;
+    let uri = upstream_uri(&ctx.registry, &route_path(&ctx.route, repo))?;
     fill(ctx, repo, digest, kind, uri).await
-}
-
-fn kind_path(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Blob => "blobs",
-        Kind::Manifest => "manifests",
-    }
 }
 
 /// Confirms that upstream would serve this path of `repo` to this client: a fresh grant is

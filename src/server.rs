@@ -212,10 +212,6 @@ impl Running {
         self.app.ca.cert_pem().to_string()
     }
 
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
-    }
-
     /// Stops accepting, lets in-flight requests and downloads finish (up to the drain
     /// deadline), then flushes counters and the index and releases it.
     pub async fn shutdown(self) {
