@@ -195,13 +195,7 @@ impl CertificateAuthority {
     }
 
     pub fn fingerprint_sha256(&self) -> String {
-        let digest = ring::digest::digest(&ring::digest::SHA256, self.cert_der.as_ref());
-        digest
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        fingerprint(self.cert_der.as_ref())
     }
 
     pub fn not_after(&self) -> OffsetDateTime {
@@ -390,6 +384,16 @@ fn io_err(p: &Path, source: std::io::Error) -> CaError {
 fn der_not_after(cert: &[u8]) -> Option<OffsetDateTime> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(parsed.validity().not_after.to_datetime())
+}
+
+/// SHA-256 of a certificate's DER as `AB:CD:…`, as `openssl x509 -fingerprint -sha256` prints.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

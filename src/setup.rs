@@ -205,13 +205,7 @@ impl Params {
     /// SHA-256 over the certificate's DER, `AB:CD:…` (what `openssl x509 -fingerprint
     /// -sha256` prints).
     pub fn ca_fingerprint(&self) -> String {
-        let der = pem_body_der(&self.ca_pem).unwrap_or_default();
-        ring::digest::digest(&ring::digest::SHA256, &der)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        crate::ca::fingerprint(&pem_body_der(&self.ca_pem).unwrap_or_default())
     }
 
     /// The intercepted registries as `(certs.d directory name, server URL)`: the directory
@@ -481,6 +475,20 @@ fn restart_fn() -> &'static str {
      }\n\n"
 }
 
+/// Steps 1/4 and 2/4 of both dockerd recipes: the CA where each Docker image store reads it.
+fn docker_trust_steps(p: &Params) -> String {
+    let mut s = String::from(ca_tmp());
+    s.push_str(
+        "say \"1/4 trusting pullcache's CA in the system store\"\n\
+         # Classic dockerd verifies Docker Hub against the system roots only: it never reads\n\
+         # /etc/docker/certs.d for Docker Hub.\n\
+         install_ca \"$CA_TMP\"\n\n\
+         say \"2/4 /etc/docker/certs.d (read by the containerd image store, Docker >= 29 default)\"\n",
+    );
+    s.push_str(&certs_d(p, "/etc/docker/certs.d"));
+    s
+}
+
 /// Copies the CA into `<root>/<name>/pullcache-ca.crt` for every intercepted registry.
 fn certs_d(p: &Params, root: &str) -> String {
     let mut s = String::new();
@@ -525,15 +533,7 @@ fn dockerd_systemd(p: &Params) -> String {
     let mut s = header(p, t, &usage, &undo, DEFAULT_NO_PROXY);
     s.push_str(&install_ca_fn());
     s.push_str(need_root());
-    s.push_str(ca_tmp());
-    s.push_str(
-        "say \"1/4 trusting pullcache's CA in the system store\"\n\
-         # Classic dockerd verifies Docker Hub against the system roots only: it never reads\n\
-         # /etc/docker/certs.d for Docker Hub.\n\
-         install_ca \"$CA_TMP\"\n\n\
-         say \"2/4 /etc/docker/certs.d (read by the containerd image store, Docker >= 29 default)\"\n",
-    );
-    s.push_str(&certs_d(p, "/etc/docker/certs.d"));
+    s.push_str(&docker_trust_steps(p));
     s.push_str(
         "say \"3/4 systemd drop-in /etc/systemd/system/docker.service.d/pullcache.conf\"\n\
          # Named pullcache.conf, so it sorts after (and overrides) an existing http-proxy.conf.\n\
@@ -590,15 +590,7 @@ fn daemon_json(p: &Params) -> String {
          \x20   esac\n\
          fi\n\n",
     );
-    s.push_str(ca_tmp());
-    s.push_str(
-        "say \"1/4 trusting pullcache's CA in the system store\"\n\
-         # Classic dockerd verifies Docker Hub against the system roots only: it never reads\n\
-         # /etc/docker/certs.d for Docker Hub.\n\
-         install_ca \"$CA_TMP\"\n\n\
-         say \"2/4 /etc/docker/certs.d (read by the containerd image store, Docker >= 29 default)\"\n",
-    );
-    s.push_str(&certs_d(p, "/etc/docker/certs.d"));
+    s.push_str(&docker_trust_steps(p));
     s.push_str(
         "say \"3/4 \\\"proxies\\\" in /etc/docker/daemon.json\"\n\
          DJ=/etc/docker/daemon.json\n\
