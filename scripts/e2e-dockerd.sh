@@ -275,29 +275,7 @@ docker_cli() { # NAME ARGS... : Debian's docker CLI against dockerd NAME, bounde
 
 # --- steps: the Docker-Hub-shaped fixture (as in scripts/e2e.sh) -------------------------------
 
-s_pki() {
-    pc_make_test_pki "$W/pki"
-    state PKI "$W/pki"
-    pc_skopeo_setup "$W/skopeo"
-    state PC_SKOPEO_DIR "$W/skopeo"
-}
-
-s_tokenserver() {
-    pc_start_tokenserver "$PKI" "$W"
-    state TOK_PORT "$PC_TOK_PORT"
-    state TOK_LOG "$PC_TOK_LOG"
-}
-
-s_registry_hub() {
-    pc_start_registry registry-hub "$W" "$W/storage" "$PKI" "https://auth.docker.io/token"
-    state REG_PORT "$PC_REG_PORT"
-    state REG_LOG "$PC_REG_LOG"
-}
-
-s_registry_direct() {
-    pc_start_registry registry-direct "$W" "$W/storage" "$PKI" "https://127.0.0.1:$TOK_PORT/token"
-    state DREG_PORT "$PC_REG_PORT"
-}
+# (s_pki, s_tokenserver, s_registry_hub, s_registry_direct: scripts/lib/steps.sh)
 
 s_build_images() {
     local img="$W/image"

@@ -93,6 +93,44 @@ reg_log_between() { tail -c +"$(($1 + 1))" "$REG_LOG" | head -c "$(($2 - $1))"; 
 # combined-format access line per request: "GET /v2/<name>/blobs/<dgst> HTTP/1.1".
 blob_gets() { grep -E '"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP' || true; }
 
+# --- the Docker-Hub-shaped fixture: test PKI, token server, registries (W set by the caller) --
+
+s_pki() {
+    pc_make_test_pki "$W/pki"
+    state PKI "$W/pki"
+    pc_skopeo_setup "$W/skopeo"
+    state PC_SKOPEO_DIR "$W/skopeo"
+}
+
+s_tokenserver() {
+    pc_start_tokenserver "$PKI" "$W"
+    state TOK_PORT "$PC_TOK_PORT"
+    state TOK_LOG "$PC_TOK_LOG"
+}
+
+s_registry_hub() {
+    # realm is the real Docker Hub one: clients must reach auth.docker.io
+    # through pullcache's tunnel, as they would on the internet.
+    pc_start_registry registry-hub "$W" "$W/storage" "$PKI" "https://auth.docker.io/token"
+    state REG_PORT "$PC_REG_PORT"
+    state REG_LOG "$PC_REG_LOG"
+    local hdr
+    hdr=$(curl -sS -D - -o /dev/null --noproxy '*' --max-time 5 --cacert "$PKI/testca.crt" \
+        --resolve "registry-1.docker.io:$PC_REG_PORT:127.0.0.1" "https://registry-1.docker.io:$PC_REG_PORT/v2/")
+    echo "$hdr"
+    grep -qi '^www-authenticate: Bearer realm="https://auth.docker.io/token",service="registry.docker.io"' <<<"$hdr" ||
+        fail "unexpected /v2/ challenge"
+}
+
+s_registry_direct() {
+    # Same storage, but the realm is the token server's real loopback address:
+    # used to push the test images and for the no-proxy baseline pull, where
+    # no proxy can map auth.docker.io (a Go client never proxies 127.0.0.1 and
+    # the name auth.docker.io would resolve to the real Docker Hub).
+    pc_start_registry registry-direct "$W" "$W/storage" "$PKI" "https://127.0.0.1:$TOK_PORT/token"
+    state DREG_PORT "$PC_REG_PORT"
+}
+
 # --- pullcache steps (W, PKI, REG_PORT, TOK_PORT set by the caller) ---------------------
 
 s_build_pullcache() {
